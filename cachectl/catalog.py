@@ -1,0 +1,155 @@
+"""The layout catalog: which timm releases produce which state-dict layout, for every model.
+
+Built from the real releases by `python -m tools.build_catalog` and shipped in the
+package; see tools/build_catalog.py for the format (versioned by FORMAT_VERSION).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CachectlError
+from .layout import Layout
+
+FORMAT_VERSION = 1
+CATALOG_DIR = Path(__file__).resolve().parent / "data" / "catalog"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model name in one release."""
+
+    name: str
+    release: str
+    layout_index: int
+    family: str
+    classifier: tuple[str, ...]
+    default_num_classes: int | None
+
+
+@dataclass(frozen=True)
+class PretrainedTag:
+    tag: str
+    hf_hub_id: str | None
+    url: str | None
+    num_classes: int | None
+
+
+def index_path() -> Path:
+    return CATALOG_DIR / ("index-v%d.json.gz" % FORMAT_VERSION)
+
+
+def layouts_path() -> Path:
+    return CATALOG_DIR / ("layouts-v%d.json.gz" % FORMAT_VERSION)
+
+
+class Catalog:
+    def __init__(self, data: dict, path: Path):
+        if data.get("format") != "cachectl-catalog" or data.get("version") != FORMAT_VERSION:
+            raise CachectlError(path, "is not a version %d cachectl catalog" % FORMAT_VERSION,
+                                "Reinstall cachectl, or rebuild the catalog with python -m tools.build_catalog.")
+        self.path = path
+        self._data = data
+        self.releases: tuple[str, ...] = tuple(sorted(data["releases"], key=version_key))
+        self._specs = [tuple(s) for s in data["classifier_specs"]]
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Catalog":
+        return _load(path or index_path())
+
+    def models(self, release: str) -> dict[str, ModelEntry]:
+        return self._entries()[release]
+
+    def layout(self, index: int) -> Layout:
+        return Layout.from_rows(self._layouts()[index])
+
+    def deprecated(self, release: str) -> dict[str, str]:
+        return self._data["releases"][release]["deprecated"]
+
+    def failed(self, release: str) -> dict[str, str]:
+        return self._data["releases"][release]["failed"]
+
+    def tags(self, release: str, name: str) -> list[PretrainedTag]:
+        raw = self._data["releases"][release]["tags"].get(name, {})
+        return [PretrainedTag(t, *v) for t, v in raw.items()]
+
+    def by_layout(self, lid: str) -> list[ModelEntry]:
+        return self._index()[0].get(lid, [])
+
+    def by_body(self, classifier: tuple[str, ...], body_id: str) -> list[ModelEntry]:
+        return self._index()[1].get((classifier, body_id), [])
+
+    def classifier_specs(self) -> list[tuple[str, ...]]:
+        return list(self._specs)
+
+    @functools.lru_cache(maxsize=None)
+    def _entries(self) -> dict[str, dict[str, ModelEntry]]:
+        out = {}
+        for release, rel in self._data["releases"].items():
+            out[release] = {
+                name: ModelEntry(name, release, idx, family, self._specs[spec] if spec >= 0 else (), nc)
+                for name, (idx, family, spec, nc) in rel["models"].items()
+            }
+        return out
+
+    @functools.lru_cache(maxsize=None)
+    def _index(self):
+        ids = self._data["layout_ids"]
+        bodies = {(li, si): bid for li, si, bid in self._data["bodies"]}
+        spec_index = {s: i for i, s in enumerate(self._specs)}
+        by_layout: dict[str, list[ModelEntry]] = defaultdict(list)
+        by_body: dict[tuple, list[ModelEntry]] = defaultdict(list)
+        for release in self.releases:
+            for entry in self._entries()[release].values():
+                by_layout[ids[entry.layout_index]].append(entry)
+                if entry.classifier:
+                    body = bodies[(entry.layout_index, spec_index[entry.classifier])]
+                    by_body[(entry.classifier, body)].append(entry)
+        return by_layout, by_body
+
+    @functools.lru_cache(maxsize=None)
+    def _layouts(self) -> list:
+        path = layouts_path() if self.path == index_path() else self.path.with_name(
+            self.path.name.replace("index-", "layouts-"))
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+
+    @functools.lru_cache(maxsize=None)
+    def layout_key_sets(self) -> list[tuple[int, frozenset]]:
+        return [(i, frozenset((k, tuple(s)) for k, s, _ in rows)) for i, rows in enumerate(self._layouts())]
+
+    def families_that_changed(self) -> dict[str, list[tuple[str, str, str]]]:
+        """{family: [(model, older release, newer release)]} where a name's layout changed."""
+        out: dict[str, list] = defaultdict(list)
+        entries = self._entries()
+        for older, newer in zip(self.releases, self.releases[1:]):
+            for name, entry in entries[older].items():
+                other = entries[newer].get(name)
+                # layouts are stored once each, so another index is another layout
+                if other and other.layout_index != entry.layout_index:
+                    out[other.family].append((name, older, newer))
+        return dict(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: Path) -> Catalog:
+    try:
+        with gzip.open(path, "rt") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise CachectlError(path, "the catalog is damaged (%s)" % exc, "Reinstall cachectl.")
+    return Catalog(data, path)

@@ -1,0 +1,252 @@
+"""Plan and run one conversion: a checkpoint, made for the timm of one target, proven strict.
+
+Plans are tried in order and the first whose result passes the strict check against
+the target model wins: the file as it is, the project's migrations for the family, then
+the target timm's own checkpoint filter. Each plan ends with the same two generic steps:
+drop what the target no longer saves (non-persistent buffers), fill the deterministic
+buffers it does save from a fresh target model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from . import __version__, migrations
+from .catalog import Catalog
+from .errors import NoPlanError, TargetError
+from .identify import Tag, identify
+from .layout import Layout
+from .reader import Checkpoint, read
+from .safetensors_io import write
+from .target import ModelSpec, Target
+
+# Buffers a fresh model cannot supply: they are learned (batch-norm statistics).
+LEARNED_BUFFERS = ("running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """`timm.create_model(name, **kwargs)` in the target loads the output strictly."""
+
+    name: str
+    kwargs: Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    missing: tuple[str, ...]  # the target wants these, the result lacks them
+    unexpected: tuple[str, ...]  # the result has these, the target does not want them
+    shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # key, ours, target's
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shapes)
+
+    def describe(self, limit: int = 6) -> str:
+        parts = []
+        for label, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                more = " and %d more" % (len(items) - limit) if len(items) > limit else ""
+                parts.append("%s %s%s" % (label, ", ".join(items[:limit]), more))
+        if self.shapes:
+            shown = ["%s %s vs %s" % (k, list(a), list(b)) for k, a, b in self.shapes[:limit]]
+            parts.append("shape %s" % "; ".join(shown))
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Conversion:
+    source: Path
+    output: Path
+    source_sha256: str
+    source_timm_versions: tuple[str, ...]
+    target_timm: str
+    model: ModelChoice
+    steps: tuple[str, ...]
+    tag: Tag = field(compare=False)
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    name: str
+    steps: tuple[str, ...]
+    state: dict[str, torch.Tensor] = field(repr=False)
+    mismatch: Mismatch
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def strict_check(state: Mapping[str, torch.Tensor], layout: Layout) -> Mismatch:
+    want = layout.specs
+    missing = tuple(k for k in want if k not in state)
+    unexpected = tuple(sorted(k for k in state if k not in want))
+    shapes = tuple(
+        (k, tuple(state[k].shape), want[k].shape) for k in want if k in state and tuple(state[k].shape) != want[k].shape
+    )
+    return Mismatch(missing, unexpected, shapes)
+
+
+def target_model(tag: Tag, ckpt: Checkpoint, target: Target, catalog: Catalog, override: str | None) -> ModelChoice:
+    """The name and kwargs to build in the target for this checkpoint."""
+    best = tag.best
+    names = [override] if override else _name_candidates(best.architecture, ckpt, catalog)
+    for candidate in names:
+        resolved = target.resolve_name(candidate)
+        if resolved:
+            break
+    else:
+        raise NoPlanError(
+            ckpt.path, "timm %s has no model %s" % (target.info().timm, " or ".join(names)),
+            "Convert for an environment with a timm release that has it, or pass --model NAME.",
+        )
+    kwargs: dict[str, object] = {}
+    if best.num_classes is not None:
+        kwargs["num_classes"] = best.num_classes
+    return ModelChoice(resolved, kwargs)
+
+
+def _name_candidates(arch: str, ckpt: Checkpoint, catalog: Catalog) -> list[str]:
+    """`arch`, its newer names (deprecation tables) and the older names that became it."""
+    names = [arch]
+    hint = ckpt.hints.architecture
+    if hint and hint.split(".")[0] == arch and "." in hint:
+        names.insert(0, hint)  # keep a pretrained tag the file names, e.g. from config.json
+    for release in reversed(catalog.releases):
+        table = catalog.deprecated(release)
+        if arch in table and table[arch] not in names:
+            names.append(table[arch])
+        names += [old for old, new in table.items() if new.split(".")[0] == arch and old not in names]
+    return names
+
+
+def _finish(state: dict[str, torch.Tensor], spec: ModelSpec, target: Target, steps: list[str]) -> tuple[dict, list[str]]:
+    """Drop what the target does not save; fill the deterministic buffers it does save."""
+    want = spec.layout.specs
+    dropped = [k for k in state if k not in want and _is_buffer_name(k, spec)]
+    if dropped:
+        state = {k: v for k, v in state.items() if k not in dropped}
+        steps = steps + ["drop %d buffers the target does not save" % len(dropped)]
+    fill = [k for k in want if k not in state and k in spec.buffers and not k.endswith(LEARNED_BUFFERS)]
+    if fill:
+        values = target.buffer_values(spec, fill)
+        state = {**state, **values}
+        steps = steps + ["fill %d buffers from a fresh target model" % len(fill)]
+    return state, steps
+
+
+def _is_buffer_name(key: str, spec: ModelSpec) -> bool:
+    # A key the target does not save is droppable only if it names a buffer the target
+    # recomputes: the same leaf name as one of its buffers, or a known derived table.
+    leaf = key.rsplit(".", 1)[-1]
+    derived = ("relative_position_index", "attn_mask", "relative_coords_table", "attention_bias_idxs",
+               "rel_pos_idx", "k_pos_idx", "pos_embed_index")
+    return leaf in derived or any(b.rsplit(".", 1)[-1] == leaf for b in spec.buffers if leaf not in ("weight", "bias"))
+
+
+def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str, Callable[[], tuple[dict, list[str]]]]]:
+    source = dict(ckpt.tensors)
+    plans = [("as-is", lambda: (source, []))]
+    applicable = migrations.applicable(spec.family, source, spec.layout.keys)
+    if applicable:
+        def migrate():
+            state, steps = source, []
+            for m, direction in applicable:
+                state = (m.upgrade if direction == "upgrade" else m.downgrade)(state)
+                steps.append("migration %s.%s (%s)" % (m.family, m.name, direction))
+            return state, steps
+        plans.append(("migrations", migrate))
+
+    def own_filter():
+        state, name = target.apply_filter(spec, source)
+        if state is None:
+            return None, ["target filter: %s" % name]
+        return state, ["target timm %s filter %s" % (target.info().timm, name)]
+    plans.append(("target filter", own_filter))
+    return plans
+
+
+def plan(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> _Attempt:
+    """The first plan whose result loads strictly into `spec`; NoPlanError if none does."""
+    attempts = []
+    for name, build in _plans(ckpt, spec, target):
+        try:
+            state, steps = build()
+        except TargetError as exc:
+            attempts.append((name, "failed: %s" % exc))
+            continue
+        if state is None:
+            attempts.append((name, steps[0]))
+            continue
+        state, steps = _finish(state, spec, target, steps)
+        mismatch = strict_check(state, spec.layout)
+        if mismatch.ok:
+            return _Attempt(name, tuple(steps) + ("strict check against %s in timm %s" % (spec.name, target.info().timm),), state, mismatch)
+        attempts.append((name, mismatch.describe()))
+    raise NoPlanError(
+        ckpt.path,
+        "no plan loads strictly into %s of timm %s: %s" % (
+            spec.name, target.info().timm, " | ".join("%s: %s" % a for a in attempts)),
+        "If the file is another model's, pass --model NAME; otherwise this layout change "
+        "needs a migration in cachectl/migrations/.",
+    )
+
+
+def convert(
+    source: str | Path,
+    output: str | Path | None,
+    target: Target,
+    *,
+    catalog: Catalog | None = None,
+    model: str | None = None,
+    ema: bool = False,
+) -> Conversion:
+    catalog = catalog or Catalog.load()
+    ckpt = read(source, ema=ema)
+    tag = identify(ckpt, catalog)
+    choice = target_model(tag, ckpt, target, catalog, model)
+    spec = target.describe(choice.name, choice.kwargs)
+    attempt = plan(ckpt, spec, target)
+    info = target.info()
+    out = Path(output) if output else _default_output(ckpt, choice, info.timm)
+    digest = sha256_file(ckpt.weights)
+    metadata = {
+        "format": "pt",
+        "cachectl.version": __version__,
+        "cachectl.source_sha256": digest,
+        "cachectl.source_name": ckpt.path.name,
+        "cachectl.source_timm_versions": ",".join(tag.best.timm_versions),
+        "cachectl.source_architecture": tag.best.architecture,
+        "cachectl.target_timm": info.timm,
+        "cachectl.model": choice.name,
+        "cachectl.model_kwargs": _json(choice.kwargs),
+        "cachectl.steps": _json(list(attempt.steps)),
+    }
+    size = write(out, attempt.state, metadata)
+    return Conversion(
+        source=ckpt.path, output=out, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
+        target_timm=info.timm, model=choice, steps=attempt.steps, tag=tag, size=size,
+    )
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _default_output(ckpt: Checkpoint, choice: ModelChoice, timm_version: str) -> Path:
+    stem = ckpt.path.name
+    for suffix in (".safetensors", ".tar", ".pth", ".pt", ".bin", ".ckpt"):
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+    # the current folder, never beside the source: a watched folder is read-only to cachectl
+    return Path.cwd() / ("%s.timm-%s.safetensors" % (stem, timm_version))

@@ -1,0 +1,38 @@
+"""Errors a user can act on: each names the file and says what to do."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CachectlError(Exception):
+    """A problem with the user's input or setup, not a bug in cachectl."""
+
+    def __init__(self, subject: str | Path | None, problem: str, fix: str = ""):
+        self.subject = str(subject) if subject is not None else None
+        self.problem = problem
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = "%s: %s" % (self.subject, self.problem) if self.subject else self.problem
+        return "%s. %s" % (head.rstrip("."), self.fix) if self.fix else head
+
+
+class CheckpointError(CachectlError):
+    """The file is not a checkpoint cachectl can read safely."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle needs classes that only arbitrary code execution could rebuild."""
+
+
+class IdentifyError(CachectlError):
+    """No catalogued architecture matches the checkpoint."""
+
+
+class NoPlanError(CachectlError):
+    """No known way to turn the source layout into the target's."""
+
+
+class TargetError(CachectlError):
+    """The target interpreter cannot answer (missing timm, unknown model, crash)."""

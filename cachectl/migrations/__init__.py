@@ -1,0 +1,68 @@
+"""The project's own layout migrations, one module per timm model family.
+
+A migration moves a state dict between an older and a newer layout of one family, in
+both directions. It is declarative about when it applies (`is_old`, asked of the source
+keys and of the target's keys) and is tried only where the two sides differ; the
+planner then checks the result strictly against the target model, so a migration that
+does not fit a model is simply not chosen. Each is proven by tests/test_family_*.py:
+made and run under the old release, converted, run under the new one, outputs equal.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Migration:
+    family: str  # timm's module name for the family, e.g. "swin_transformer"
+    name: str  # what changed, e.g. "downsample-at-stage-start"
+    is_old: Callable[[frozenset[str]], bool]  # keys in the older layout?
+    upgrade: Callable[[State], State]
+    downgrade: Callable[[State], State]
+
+
+_REGISTRY: list[Migration] = []
+
+
+def register(*migrations: Migration) -> None:
+    _REGISTRY.extend(migrations)
+
+
+def for_family(family: str) -> list[Migration]:
+    _load_all()
+    return [m for m in _REGISTRY if m.family == family]
+
+
+def applicable(family: str, source_keys: Iterable[str], target_keys: Iterable[str]) -> list[tuple[Migration, str]]:
+    """(migration, "upgrade"|"downgrade") for each migration whose sides differ."""
+    src, dst = frozenset(source_keys), frozenset(target_keys)
+    out = []
+    for m in for_family(family):
+        old_src, old_dst = m.is_old(src), m.is_old(dst)
+        if old_src and not old_dst:
+            out.append((m, "upgrade"))
+        elif old_dst and not old_src:
+            out.append((m, "downgrade"))
+    return out
+
+
+def rename(state: Mapping[str, torch.Tensor], fn: Callable[[str], str]) -> State:
+    return {fn(k): v for k, v in state.items()}
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module("%s.%s" % (__name__, info.name))
+        _loaded = True

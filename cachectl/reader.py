@@ -1,0 +1,305 @@
+"""Open a checkpoint without running code from it, and unwrap what people save around it.
+
+Tensors stay lazy: safetensors and torch zip files are memory-mapped, so reading the
+layout touches headers only, and converting touches one tensor at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import CheckpointError, UnsafeCheckpointError
+from .layout import Layout, TensorSpec
+
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
+# Containers people wrap weights in, in the order timm's own load_checkpoint prefers them.
+CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
+EMA_CONTAINERS = ("state_dict_ema", "model_ema")
+# Prefixes added by DataParallel/DDP, torch.compile and training wrappers.
+PREFIXES = ("module.", "_orig_mod.", "model.")
+SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What the file says about itself besides its tensors."""
+
+    architecture: str | None = None  # a model name, from metadata, config.json or `arch`
+    architecture_source: str | None = None  # where that name came from
+    num_classes: int | None = None
+    repo_id: str | None = None  # an HF repo name, e.g. timm/vit_base_patch16_224.augreg_in21k
+    cachectl: Mapping[str, str] = field(default_factory=dict)  # metadata cachectl wrote itself
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path  # what the user named: a file or an HF snapshot folder
+    weights: Path  # the file the tensors are in
+    format: str  # safetensors | torch-zip | torch-legacy
+    layout: Layout
+    tensors: Mapping[str, torch.Tensor] = field(repr=False, compare=False)
+    container: str | None = None  # the key the state dict was found under
+    other_containers: tuple[str, ...] = ()  # e.g. the EMA copy that was not used
+    stripped_prefix: str = ""
+    hints: Hints = field(default_factory=Hints)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.weights.stat().st_size
+
+
+def read(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint:
+    """Open `path` (a checkpoint file or an HF snapshot folder) safely and lazily.
+
+    `ema` picks the EMA copy of the weights when the file holds one.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_snapshot(path, ema)
+    if not path.exists():
+        raise CheckpointError(path, "no such file", "Check the path.")
+    return _read_file(path, path, ema, Hints())
+
+
+def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint:
+    with open(weights, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04":
+        obj = _torch_load(weights, mmap=True)
+        fmt = "torch-zip"
+        metadata: dict[str, str] = {}
+    elif _looks_like_safetensors(weights, head):
+        tensors, metadata = _safetensors(weights)
+        fmt = "safetensors"
+        obj = tensors
+    elif head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        obj = _torch_load(weights, mmap=False)
+        fmt = "torch-legacy"
+        metadata = {}
+    else:
+        raise CheckpointError(
+            weights,
+            "not a checkpoint (neither safetensors, a torch zip file nor a torch pickle)",
+            "Give a file saved with torch.save or safetensors.",
+        )
+    state, container, others, extras = _unwrap(obj, weights, ema)
+    state, prefix = _strip_prefixes(state)
+    hints = _merge_hints(hints, extras, metadata)
+    layout = Layout.from_specs({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()})
+    return Checkpoint(
+        path=path, weights=weights, format=fmt, layout=layout, tensors=state, container=container,
+        other_containers=others, stripped_prefix=prefix, hints=hints, metadata=metadata,
+    )
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 8:
+        return False
+    (n,) = struct.unpack("<Q", head)
+    if n == 0 or n > SAFETENSORS_HEADER_LIMIT:
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        return f.read(1) == b"{"
+
+
+def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+    if len(raw) < n:
+        raise CheckpointError(path, "truncated safetensors file (the header is cut short)",
+                              "Copy the file again from its source.")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(path, "damaged safetensors header (%s)" % exc, "Copy the file again from its source.")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if data_start + end > size:
+        raise CheckpointError(
+            path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + end),
+            "Copy the file again from its source; if a copy is still running, wait for it to finish.",
+        )
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
+    raw_bytes = torch.empty(0, dtype=torch.uint8)
+    if storage is not None:
+        raw_bytes = torch.tensor([], dtype=torch.uint8).set_(storage)
+    tensors = {}
+    for key, info in header.items():
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(path, "tensor %s has unsupported dtype %s" % (key, info.get("dtype")),
+                                  "Re-save it with a standard dtype.")
+        begin, stop = (data_start + int(o) for o in info["data_offsets"])
+        chunk = raw_bytes[begin:stop]
+        if begin % chunk.element_size() or (dtype.itemsize and begin % dtype.itemsize):
+            chunk = chunk.clone()  # unaligned: only a copy can be viewed as a wider dtype
+        tensors[key] = chunk.view(dtype).reshape(info["shape"])
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _safe_globals() -> list:
+    # Plain data that timm training checkpoints carry next to the weights (the argparse
+    # namespace of the run, numpy scalars for metrics). None of these can run code.
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+
+        allowed += [np.dtype, np.ndarray, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
+        core = getattr(np, "_core", None) or np.core
+        allowed += [core.multiarray.scalar, core.multiarray._reconstruct]
+    except (ImportError, AttributeError):
+        pass
+    return allowed
+
+
+def _torch_load(path: Path, *, mmap: bool) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Unsupported" not in str(exc):
+            raise CheckpointError(path, "damaged or truncated torch file (%s)" % _first_line(exc),
+                                  "Copy the file again from its source.")
+        needed = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc)))) or [_first_line(exc)]
+        raise UnsafeCheckpointError(
+            path,
+            "refused: unpickling it would run code (it needs %s)" % ", ".join(needed),
+            "Where the file is trusted, re-save its weights alone: python -c \"import torch; "
+            "c = torch.load('%s', weights_only=False); "
+            "torch.save(c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), 'clean.pth')\"" % path.name,
+        )
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(path, "damaged or truncated torch file (%s)" % _first_line(exc),
+                              "Copy the file again from its source; if a copy is still running, wait for it.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].split(". ")[0] if text else type(exc).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict, str | None, tuple[str, ...], dict]:
+    """The state dict inside `obj`, the container it came from, others present, extras."""
+    if isinstance(obj, torch.nn.Module):  # not reachable with weights_only, kept out of the contract
+        raise CheckpointError(path, "holds a whole pickled model", "Save model.state_dict() instead.")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, "holds a %s, not a state dict" % type(obj).__name__,
+                              "Save a dict of tensors (model.state_dict()).")
+    extras = {k: obj[k] for k in ("arch", "num_classes", "epoch", "version") if k in obj and not isinstance(obj[k], torch.Tensor)}
+    args = obj.get("args")
+    if isinstance(args, argparse.Namespace) and "arch" not in extras and getattr(args, "model", None):
+        extras["arch"] = args.model
+    if _is_state_dict(obj):
+        return dict(obj), None, (), extras
+    present = [c for c in CONTAINERS if isinstance(obj.get(c), Mapping) and obj.get(c)]
+    order = [c for c in present if c in EMA_CONTAINERS] + [c for c in present if c not in EMA_CONTAINERS] if ema else present
+    for name in order:
+        inner = obj[name]
+        if _is_state_dict(inner) or (isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values())):
+            state = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+            return state, name, tuple(c for c in present if c != name), extras
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        return tensors, None, (), extras
+    raise CheckpointError(
+        path, "holds no tensors (top-level keys: %s)" % ", ".join(map(str, list(obj)[:8])),
+        "Point cachectl at a file with model weights.",
+    )
+
+
+def _strip_prefixes(state: dict) -> tuple[dict, str]:
+    stripped = ""
+    while state:
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped += prefix
+                break
+        else:
+            break
+    return state, stripped
+
+
+def _merge_hints(hints: Hints, extras: dict, metadata: Mapping[str, str]) -> Hints:
+    ours = {k[len("cachectl."):]: v for k, v in metadata.items() if k.startswith("cachectl.")}
+    arch, source, num_classes = hints.architecture, hints.architecture_source, hints.num_classes
+    if ours.get("model"):
+        arch, source = ours["model"], "cachectl metadata"
+    elif not arch and isinstance(extras.get("arch"), str):
+        arch, source = extras["arch"], "the checkpoint's arch field"
+    if isinstance(extras.get("num_classes"), int):
+        num_classes = extras["num_classes"]
+    return Hints(architecture=arch, architecture_source=source, num_classes=num_classes,
+                 repo_id=hints.repo_id, cachectl=ours)
+
+
+def _read_snapshot(folder: Path, ema: bool) -> Checkpoint:
+    """An HF snapshot folder: config.json beside model.safetensors or pytorch_model.bin."""
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            weights = folder / name
+            break
+    else:
+        raise CheckpointError(folder, "folder has no model.safetensors or pytorch_model.bin",
+                              "Point cachectl at a Hugging Face snapshot folder or at a checkpoint file.")
+    hints = Hints(repo_id=_repo_id(folder))
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise CheckpointError(config_path, "is not valid JSON (%s)" % exc, "Copy the snapshot again.")
+        arch = config.get("architecture") or config.get("model_name")
+        num_classes = config.get("num_classes")
+        hints = Hints(
+            architecture=arch if isinstance(arch, str) else None,
+            architecture_source="config.json" if isinstance(arch, str) else None,
+            num_classes=num_classes if isinstance(num_classes, int) else None,
+            repo_id=hints.repo_id,
+        )
+    if not hints.architecture and hints.repo_id and hints.repo_id.startswith("timm/"):
+        hints = Hints(architecture=hints.repo_id.split("/", 1)[1], architecture_source="the hub repo name",
+                      num_classes=hints.num_classes, repo_id=hints.repo_id)
+    return _read_file(folder, weights, ema, hints)
+
+
+def _repo_id(folder: Path) -> str | None:
+    # .../models--timm--vit_base_patch16_224.augreg_in21k/snapshots/<rev>
+    for part in (folder.resolve().parent.parent.name, folder.name):
+        if part.startswith("models--"):
+            return "/".join(part[len("models--"):].split("--"))
+    return None

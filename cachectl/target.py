@@ -1,0 +1,160 @@
+"""The timm a conversion is for, asked through cachectl/_agent.py.
+
+In-process for the timm installed beside cachectl; otherwise a long-lived agent in the
+target interpreter (which needs torch and timm only), spoken to in JSON lines, with
+tensors passed as safetensors files in a private temporary folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .errors import TargetError
+from .layout import Layout
+
+AGENT = Path(__file__).resolve().parent / "_agent.py"
+# Run the agent file as a script without its folder on sys.path, so cachectl's own
+# module names never shadow the target's packages.
+_BOOT = (
+    "import sys; p = sys.argv[1]; sys.path = [x for x in sys.path if x not in ('', '.')]; "
+    "exec(compile(open(p).read(), p, 'exec'), {'__name__': '__main__', '__file__': p})"
+)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    python: str
+    timm: str
+    torch: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the target's model `name` built with `kwargs` wants to load."""
+
+    name: str
+    kwargs: Mapping[str, object]
+    layout: Layout
+    buffers: frozenset[str]  # persistent buffers (in the state dict)
+    classifier: tuple[str, ...]
+    num_classes: int | None
+    default_num_classes: int | None
+    family: str
+
+
+class Target:
+    """A timm installation to convert for. `python=None` means the one beside cachectl."""
+
+    def __init__(self, python: str | os.PathLike | None = None):
+        self.python = str(python) if python else None
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._tmp = Path(tempfile.mkdtemp(prefix="cachectl-target-"))
+        self._agent = None
+        self._info: TargetInfo | None = None
+
+    def __enter__(self) -> "Target":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            self._proc = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _call(self, op: str, **args):
+        if self.python is None:
+            if self._agent is None:
+                from . import _agent
+
+                self._agent = _agent
+            try:
+                return self._agent.OPS[op](**args)
+            except Exception as exc:  # the target's failure, reported like the subprocess's
+                raise TargetError(None, "timm %s: %s failed (%s: %s)" % (self._agent.timm.__version__, op, type(exc).__name__, exc))
+        with self._lock:
+            proc = self._start()
+            proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        if not line:
+            code = proc.poll()
+            self._proc = None
+            raise TargetError(self.python, "the target interpreter died during %s (exit %s)" % (op, code),
+                              "Check that it runs: %s -c 'import timm, torch'." % self.python)
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise TargetError(None, "timm in %s: %s failed (%s)" % (self.python, op, reply["error"]))
+        return reply["result"]
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            try:
+                self._proc = subprocess.Popen(
+                    [self.python, "-c", _BOOT, str(AGENT), "serve"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    text=True, cwd=self._tmp,
+                )
+            except OSError as exc:
+                raise TargetError(self.python, "cannot run this interpreter (%s)" % exc.strerror,
+                                  "Give the path of a Python that has torch and timm.")
+        return self._proc
+
+    def info(self) -> TargetInfo:
+        if self._info is None:
+            raw = self._call("info")
+            self._info = TargetInfo(python=raw["executable"], timm=raw["timm"], torch=raw["torch"])
+        return self._info
+
+    def resolve_name(self, name: str) -> str | None:
+        return self._call("resolve_name", name=name)
+
+    def describe(self, name: str, kwargs: Mapping[str, object]) -> ModelSpec:
+        raw = self._call("describe", name=name, kwargs=dict(kwargs))
+        return ModelSpec(
+            name=name, kwargs=dict(kwargs), layout=Layout.from_rows(raw["keys"]),
+            buffers=frozenset(raw["buffers"]), classifier=tuple(raw["classifier"]),
+            num_classes=raw["num_classes"], default_num_classes=raw["default_num_classes"],
+            family=raw["family"],
+        )
+
+    def buffer_values(self, spec: ModelSpec, keys: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        out = self._tmp / "buffers.safetensors"
+        self._call("buffers", name=spec.name, kwargs=dict(spec.kwargs), keys=keys, out_path=str(out))
+        try:
+            return load_file(out)
+        finally:
+            out.unlink(missing_ok=True)
+
+    def apply_filter(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The target timm's own checkpoint filter applied to `tensors`, or None and why not."""
+        from safetensors.torch import load_file, save_file
+
+        src, dst = self._tmp / "filter-in.safetensors", self._tmp / "filter-out.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, src)
+        try:
+            result = self._call("apply_filter", name=spec.name, kwargs=dict(spec.kwargs), in_path=str(src), out_path=str(dst))
+            if not result["applied"]:
+                return None, result["reason"]
+            return load_file(dst), result["filter"]
+        finally:
+            src.unlink(missing_ok=True)
+            dst.unlink(missing_ok=True)
