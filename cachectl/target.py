@@ -55,7 +55,8 @@ class Target:
     """A timm installation to convert for. `python=None` means the one beside cachectl."""
 
     def __init__(self, python: str | os.PathLike | None = None):
-        self.python = str(python) if python else None
+        # absolute, not resolved: a venv's python is a symlink that must stay one
+        self.python = os.path.abspath(python) if python else None
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="cachectl-target-"))
