@@ -217,6 +217,10 @@ def convert(
     tag = identify(ckpt, catalog)
     choice = target_model(tag, ckpt, target, catalog, model)
     spec = target.describe(choice.name, choice.kwargs)
+    extra = migrations.kwargs_for(spec.family, ckpt.tensors, spec.layout.keys)
+    if extra:
+        choice = ModelChoice(choice.name, {**choice.kwargs, **extra})
+        spec = target.describe(choice.name, choice.kwargs)
     attempt = plan(ckpt, spec, target)
     info = target.info()
     out = Path(output) if output else _default_output(ckpt, choice, info.timm)

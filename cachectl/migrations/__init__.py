@@ -21,11 +21,19 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Migration:
-    family: str  # timm's module name for the family, e.g. "swin_transformer"
+    # timm's module names for the family, all of them when it moved (poolformer -> metaformer)
+    families: tuple[str, ...]
     name: str  # what changed, e.g. "downsample-at-stage-start"
     is_old: Callable[[frozenset[str]], bool]  # keys in the older layout?
     upgrade: Callable[[State], State]
     downgrade: Callable[[State], State]
+    # kwargs the target model needs for this source, where an architecture default
+    # changed between releases: (source keys, target keys) -> {arg: value}
+    kwargs: Callable[[frozenset[str], frozenset[str]], dict] | None = None
+
+    @property
+    def family(self) -> str:
+        return self.families[0]
 
 
 _REGISTRY: list[Migration] = []
@@ -37,7 +45,7 @@ def register(*migrations: Migration) -> None:
 
 def for_family(family: str) -> list[Migration]:
     _load_all()
-    return [m for m in _REGISTRY if m.family == family]
+    return [m for m in _REGISTRY if family in m.families]
 
 
 def applicable(family: str, source_keys: Iterable[str], target_keys: Iterable[str]) -> list[tuple[Migration, str]]:
@@ -50,6 +58,16 @@ def applicable(family: str, source_keys: Iterable[str], target_keys: Iterable[st
             out.append((m, "upgrade"))
         elif old_dst and not old_src:
             out.append((m, "downgrade"))
+    return out
+
+
+def kwargs_for(family: str, source_keys: Iterable[str], target_keys: Iterable[str]) -> dict:
+    """Architecture arguments the family's migrations ask of the target for this source."""
+    src, dst = frozenset(source_keys), frozenset(target_keys)
+    out: dict = {}
+    for m in for_family(family):
+        if m.kwargs is not None:
+            out.update(m.kwargs(src, dst))
     return out
 
 

@@ -103,4 +103,4 @@ def _downgrade(state):
     return out
 
 
-register(Migration("levit", "stages", _is_old, _upgrade, _downgrade))
+register(Migration(("levit",), "stages", _is_old, _upgrade, _downgrade))

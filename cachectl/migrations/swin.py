@@ -24,4 +24,4 @@ def _downgrade(state):
     return rename(state, lambda k: re.sub(r"^head\.fc\.", "head.", _shift(k, -1)))
 
 
-register(Migration("swin_transformer", "downsample-at-stage-start", _is_old, _upgrade, _downgrade))
+register(Migration(("swin_transformer",), "downsample-at-stage-start", _is_old, _upgrade, _downgrade))

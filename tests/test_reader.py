@@ -1,0 +1,120 @@
+"""Reading what people save, safely: formats, containers, prefixes, refusals."""
+import argparse
+import json
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cachectl.errors import CheckpointError, UnsafeCheckpointError
+from cachectl.reader import read
+
+MODEL = "mobilenetv3_small_050"
+
+
+@pytest.fixture(scope="module")
+def state():
+    torch.manual_seed(0)
+    return timm.create_model(MODEL).state_dict()
+
+
+def _same(ckpt, state):
+    assert set(ckpt.tensors) == set(state)
+    for k, v in state.items():
+        assert torch.equal(ckpt.tensors[k], v), k
+
+
+def test_safetensors_zip_and_legacy_read_the_same_tensors(tmp_path, state):
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors", metadata={"a": "b"})
+    torch.save(state, tmp_path / "w.pth")
+    torch.save(state, tmp_path / "w.pt", _use_new_zipfile_serialization=False)
+    formats = {}
+    for name in ("w.safetensors", "w.pth", "w.pt"):
+        ckpt = read(tmp_path / name)
+        _same(ckpt, state)
+        formats[name] = ckpt.format
+    assert formats == {"w.safetensors": "safetensors", "w.pth": "torch-zip", "w.pt": "torch-legacy"}
+    assert read(tmp_path / "w.safetensors").metadata == {"a": "b"}
+
+
+def test_training_checkpoint_unwraps_state_dict_and_prefixes(tmp_path, state):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({
+        "epoch": 12, "arch": MODEL, "args": argparse.Namespace(model=MODEL, lr=0.1),
+        "state_dict": {"module._orig_mod." + k: v for k, v in state.items()},
+        "state_dict_ema": ema, "optimizer": {"state": {}, "param_groups": []},
+    }, tmp_path / "train.pth.tar")
+    ckpt = read(tmp_path / "train.pth.tar")
+    assert ckpt.container == "state_dict"
+    assert ckpt.other_containers == ("state_dict_ema",)
+    assert ckpt.stripped_prefix == "module._orig_mod."
+    assert ckpt.hints.architecture == MODEL
+    _same(ckpt, state)
+    ema_ckpt = read(tmp_path / "train.pth.tar", ema=True)
+    assert ema_ckpt.container == "state_dict_ema"
+    _same(ema_ckpt, ema)
+
+
+def test_model_container_and_model_prefix(tmp_path, state):
+    torch.save({"model": {"model." + k: v for k, v in state.items()}}, tmp_path / "deit_style.pth")
+    ckpt = read(tmp_path / "deit_style.pth")
+    assert (ckpt.container, ckpt.stripped_prefix) == ("model", "model.")
+    _same(ckpt, state)
+
+
+def test_hf_snapshot_folder(tmp_path, state):
+    snap = tmp_path / "models--timm--mobilenetv3_small_050.lamb_in1k" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, snap / "model.safetensors")
+    (snap / "config.json").write_text(json.dumps({"architecture": MODEL, "num_classes": 1000}))
+    ckpt = read(snap)
+    assert ckpt.weights == snap / "model.safetensors"
+    assert ckpt.hints.architecture == MODEL
+    assert ckpt.hints.repo_id == "timm/mobilenetv3_small_050.lamb_in1k"
+    _same(ckpt, state)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cachectl-test-pwned",))
+
+
+def test_pickle_that_runs_code_is_refused_and_never_run(tmp_path, state):
+    marker = "/tmp/cachectl-test-pwned"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    torch.save({"state_dict": state, "hook": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        read(tmp_path / "evil.pth")
+    message = str(err.value)
+    assert "evil.pth" in message and "system" in message
+    assert "weights_only=False" in message  # the re-save command, for trusted files only
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("name,cut", [("w.pth", 50_000), ("w.safetensors", 50_000), ("w.safetensors", 20)])
+def test_truncated_files_name_the_file(tmp_path, state, name, cut):
+    full = tmp_path / ("full-" + name)
+    if name.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, full)
+    else:
+        torch.save(state, full)
+    cut_path = tmp_path / name
+    cut_path.write_bytes(full.read_bytes()[:cut])
+    with pytest.raises(CheckpointError) as err:
+        read(cut_path)
+    assert str(cut_path) in str(err.value)
+    assert "truncated" in str(err.value) or "damaged" in str(err.value)
+
+
+def test_non_checkpoints_are_refused_clearly(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "no_tensors.pth")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        read(tmp_path / "notes.txt")
+    with pytest.raises(CheckpointError, match="holds no tensors"):
+        read(tmp_path / "no_tensors.pth")
+    with pytest.raises(CheckpointError, match="no such file"):
+        read(tmp_path / "missing.pth")
