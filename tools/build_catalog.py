@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("versions", nargs="*", help="timm releases to add to the catalog")
     args = parser.parse_args(argv)
     try:
-        known = list(Catalog.load().releases)
+        known = set(Catalog.load().releases)
     except FileNotFoundError:
-        known = list(CATALOG_RELEASES)
-    versions = sorted(set(known) | set(args.versions), key=version_key)
+        known = set()
+    versions = sorted(known | set(CATALOG_RELEASES) | set(args.versions), key=version_key)
     for version in versions:
         dump(version)
     write(*merge(versions))
