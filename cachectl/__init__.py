@@ -1,2 +1,26 @@
 """cachectl: every timm checkpoint, converted for the timm of each environment."""
 __version__ = "0.1.0"
+
+
+def load_state_dict(name: str, env: str | None = None, root: str | None = None):
+    """The state dict NAME resolves to in ENV (its pin, else the newest), strictly loadable."""
+    from safetensors.torch import load_file
+
+    from .cache import Cache
+
+    with Cache(root) as cache:
+        return load_file(cache.resolve(name, env).path)
+
+
+def create_model(name: str, env: str | None = None, root: str | None = None, **kwargs):
+    """A timm model built as the converted entry says, with NAME's weights loaded strictly."""
+    import timm
+    from safetensors.torch import load_file
+
+    from .cache import Cache
+
+    with Cache(root) as cache:
+        resolved = cache.resolve(name, env)
+    model = timm.create_model(resolved.converted.model, **{**resolved.converted.model_kwargs, **kwargs})
+    model.load_state_dict(load_file(resolved.path), strict=True)
+    return model

@@ -24,7 +24,8 @@ def _fail(exc: CachectlError) -> click.ClickException:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # a pipe gets wide rows rather than rows wrapped at 80 columns
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def _size(n: int) -> str:
@@ -45,7 +46,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="cachectl")
-def main() -> None:
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="CACHECTL_ROOT",
+              help="The cache's folder. Default: the platform's user data folder ($CACHECTL_ROOT).")
+@click.pass_context
+def main(ctx: click.Context, root: Path | None) -> None:
     """Convert timm checkpoints between timm releases, and keep them ready per environment.
 
     \b
@@ -53,7 +57,20 @@ def main() -> None:
       cachectl inspect swin_tiny.pth            what it is, which timm made it
       cachectl convert swin_tiny.pth -o out.safetensors
       cachectl convert old.pth --python /envs/timm06/bin/python --json
+      cachectl env add timm06 --python /envs/timm06/bin/python
+      cachectl add swin_tiny.pth                store it, convert it for every environment
+      cachectl list                             what the cache holds
+      cachectl path swin_tiny --env timm06      the file timm06 should load
+      cachectl pin swin_tiny@2 --env prod       freeze prod on version 2
+      cachectl prune --keep-last 3 --dry-run    what pruning would free
     """
+    ctx.obj = root
+
+
+def _cache(ctx: click.Context):
+    from .cache import Cache
+
+    return Cache(ctx.find_root().obj)
 
 
 @main.command()
@@ -165,6 +182,333 @@ def convert(file: Path, output: Path | None, model: str | None, ema: bool, pytho
                   % (result.model.name, kwargs, str(result.output)))
     for step in result.steps:
         console.print("  - %s" % step)
+
+
+# -- the cache ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", help="The name to store it under. Default: the file name without suffixes.")
+@json_option
+@click.pass_context
+def add(ctx: click.Context, file: Path, name: str | None, as_json: bool) -> None:
+    """Store FILE as a new version of its name and convert it for every environment.
+
+    The file is copied into the cache (its folder is never written to); the same bytes
+    added again are not stored twice. This is what the daemon does for each new file.
+
+    \b
+    Examples:
+      cachectl add /shared/weights/swin_tiny_06.pth --name swin_tiny
+      cachectl add ~/hub/models--timm--resnet50.a1_in1k/snapshots/abc
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    try:
+        with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                            transient=True, disable=as_json) as bar:
+            task = bar.add_task("reading %s" % file.name)
+            result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env))
+    except CachectlError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit_json({
+            "name": result.version.name, "version": result.version.ref, "new_version": result.new_version,
+            "sha256": result.source.sha256, "architecture": result.source.architecture,
+            "timm_versions": list(result.source.timm_versions), "error": result.source.error,
+            "environments": {l.env: {"converted": l.converted, "error": l.error} for l in result.links},
+        })
+        return
+    console = _console()
+    what = "added" if result.new_version else "already stored as"
+    console.print("%s [bold]%s[/bold] (%s, timm %s)" % (
+        what, result.version.ref, result.source.architecture or "unidentified", ", ".join(result.source.timm_versions) or "?"))
+    for link in result.links:
+        console.print("  %s: %s" % (link.env, "ready" if link.converted else "[red]failed[/red]: %s" % link.error))
+    if any(l.error for l in result.links):
+        sys.exit(1)
+
+
+def _age(ts: float) -> str:
+    import time
+
+    s = max(0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return "%d%s" % (s // n, unit)
+    return "%ds" % s
+
+
+@main.command(name="list")
+@click.option("--env", help="Only this environment's view: its copies and pins.")
+@json_option
+@click.pass_context
+def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
+    """One row per name and version: what it is, where it is ready, pins, state.
+
+    \b
+    Examples:
+      cachectl list
+      cachectl list --env timm06 --json | jq '.[] | select(.state == "failed")'
+    """
+    try:
+        with _cache(ctx) as cache:
+            rows = cache.rows(env)
+    except CachectlError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit_json([r.to_json() for r in rows])
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME@VERSION", "ARCHITECTURE", "MADE BY TIMM", "SIZE", "READY IN", "PINNED IN", "AGE", "STATE"):
+        table.add_column(col, justify="right" if col == "SIZE" else "left")
+    for r in rows:
+        state = {"ready": "ready", "converting": "[yellow]converting[/yellow]"}.get(r.state, "[red]failed[/red]")
+        table.add_row(r.ref, r.architecture or "?", ", ".join(r.timm_versions) or "?", _size(r.size),
+                      ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-", _age(r.created), state)
+    console = _console()
+    console.print(table if rows else "the cache is empty: add a file with cachectl add FILE")
+    for r in rows:
+        if r.error:
+            console.print("[red]%s[/red]: %s" % (r.ref, r.error))
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@VERSION]")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Everything about one entry: provenance, conversions per environment, files."""
+    try:
+        with _cache(ctx) as cache:
+            info = cache.show(ref)
+    except CachectlError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit_json(info)
+        return
+    console = _console()
+    src = info["source"] or {}
+    console.print("[bold]%s[/bold]  from %s" % (info["version"], info["origin"]))
+    console.print("  sha256 %s, %s, %s" % (src.get("sha256"), _size(src.get("size") or 0), src.get("format")))
+    console.print("  %s, made by timm %s (%s)" % (src.get("architecture"), ", ".join(src.get("timm_versions") or []), src.get("confidence")))
+    for env, e in sorted(info["environments"].items()):
+        if e["error"]:
+            console.print("  %s (timm %s): [red]failed[/red]: %s" % (env, e["timm"], e["error"]))
+        else:
+            c = e["converted"]
+            console.print("  %s (timm %s): %s(%s) at %s" % (env, e["timm"], c["model"], c["model_kwargs"], e["path"]))
+            for step in c["steps"]:
+                console.print("      - %s" % step)
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--env", help="The environment that will load it. Default: default.")
+@click.pass_context
+def path(ctx: click.Context, ref: str, env: str | None) -> None:
+    """Print the converted file ENV should load for NAME (its pin, else the newest).
+
+    \b
+    Example:
+      python train.py --weights "$(cachectl path swin_tiny --env timm06)"
+    """
+    try:
+        with _cache(ctx) as cache:
+            click.echo(str(cache.resolve(ref, env).path))
+    except CachectlError as exc:
+        raise _fail(exc)
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--env", required=True, help="The environment to pin in.")
+@click.pass_context
+def pin(ctx: click.Context, ref: str, env: str) -> None:
+    """In ENV, make NAME resolve to VERSION (default: the newest now) until unpinned."""
+    try:
+        with _cache(ctx) as cache:
+            version = cache.pin(ref, env)
+    except CachectlError as exc:
+        raise _fail(exc)
+    click.echo("%s pinned in %s" % (version.ref, env))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--env", required=True, help="The environment to unpin in.")
+@click.pass_context
+def unpin(ctx: click.Context, name: str, env: str) -> None:
+    """Let NAME follow its newest version again in ENV."""
+    try:
+        with _cache(ctx) as cache:
+            removed = cache.unpin(name, env)
+    except CachectlError as exc:
+        raise _fail(exc)
+    click.echo(("%s unpinned in %s" if removed else "%s was not pinned in %s") % (name, env))
+
+
+@main.command()
+@click.option("--env", help="Only this environment.")
+@json_option
+@click.pass_context
+def pins(ctx: click.Context, env: str | None, as_json: bool) -> None:
+    """The pins of every environment."""
+    try:
+        with _cache(ctx) as cache:
+            envs = [cache.env(env)] if env else cache.environments()
+            table = {e.name: cache.store.pins_of(e.name) for e in envs}
+    except CachectlError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit_json(table)
+        return
+    out = Table(box=None, header_style="bold")
+    for col in ("ENV", "NAME", "VERSION"):
+        out.add_column(col)
+    for e, p in table.items():
+        for name, v in sorted(p.items()):
+            out.add_row(e, name, str(v))
+    _console().print(out if out.row_count else "no pins")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show the plan and stop.")
+@click.option("--keep-last", type=click.IntRange(min=1), metavar="N", help="Keep the newest N versions of each name.")
+@click.option("--older-than", metavar="AGE", help="Remove versions added longer ago than AGE (30d, 12h).")
+@click.option("--max-size", metavar="SIZE", help="Remove the oldest versions until the cache fits in SIZE (20G).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting.")
+@json_option
+@click.pass_context
+def prune(ctx: click.Context, dry_run: bool, keep_last: int | None, older_than: str | None,
+          max_size: str | None, yes: bool, as_json: bool) -> None:
+    """Free disk: plan what goes and what it frees, ask, then delete.
+
+    Never removes a pinned version, the newest version of a name or an entry being
+    written. Also removes leftovers of interrupted writes.
+
+    \b
+    Examples:
+      cachectl prune --keep-last 3 --dry-run
+      cachectl prune --older-than 90d --max-size 500G --yes
+    """
+    from .prune import Policy, parse_age, parse_size, plan
+
+    try:
+        with _cache(ctx) as cache:
+            policy = Policy(keep_last, parse_age(older_than) if older_than else None, parse_size(max_size) if max_size else None)
+            p = plan(cache.store, policy)
+            if as_json:
+                _emit_json({"remove": [v.ref for v in p.versions], "kept": [{"version": r, "why": w} for r, w in p.kept],
+                            "leftovers": [str(x) for x in p.leftovers], "freed": p.freed, "dry_run": dry_run})
+            else:
+                console = _console()
+                for v in p.versions:
+                    console.print("remove %s" % v.ref)
+                for ref, why in p.kept:
+                    console.print("keep   %s (%s)" % (ref, why))
+                if p.leftovers:
+                    console.print("remove %d leftovers of interrupted writes" % len(p.leftovers))
+                console.print("frees %s" % _size(p.freed))
+            if dry_run or not (p.versions or p.blobs or p.leftovers):
+                return
+            if not yes and not click.confirm("Delete these?", default=False):
+                raise click.ClickException("nothing deleted")
+            freed = p.execute(cache.store)
+    except CachectlError as exc:
+        raise _fail(exc)
+    if not as_json:
+        click.echo("freed %s" % _size(freed))
+
+
+@main.command()
+@click.argument("refs", nargs=-1, metavar="[NAME[@VERSION]]...")
+@click.pass_context
+def verify(ctx: click.Context, refs: tuple[str, ...]) -> None:
+    """Re-hash blobs and re-check converted files strictly against each environment's model.
+
+    Works offline. Exits 1 and lists what is damaged, if anything is.
+    """
+    try:
+        with _cache(ctx) as cache:
+            problems = cache.verify(list(refs) or None)
+    except CachectlError as exc:
+        raise _fail(exc)
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise click.ClickException("%d problems found" % len(problems))
+    click.echo("all good")
+
+
+@main.group()
+def env() -> None:
+    """Environments: each a Python with its own timm that the cache converts for."""
+
+
+@env.command(name="add")
+@click.argument("name")
+@click.option("--python", "python", required=True, metavar="PY", help="The environment's interpreter (needs torch and timm).")
+@click.pass_context
+def env_add(ctx: click.Context, name: str, python: str) -> None:
+    """Register NAME, run by PY; what is already cached converts for it on first use."""
+    try:
+        with _cache(ctx) as cache:
+            e = cache.env_add(name, python)
+    except CachectlError as exc:
+        raise _fail(exc)
+    click.echo("%s: timm %s, torch %s (%s)" % (e.name, e.timm, e.torch, e.python))
+
+
+@env.command(name="list")
+@json_option
+@click.pass_context
+def env_list(ctx: click.Context, as_json: bool) -> None:
+    """The registered environments and the timm each runs."""
+    try:
+        with _cache(ctx) as cache:
+            envs = cache.environments()
+    except CachectlError as exc:
+        raise _fail(exc)
+    if as_json:
+        _emit_json([{"name": e.name, "python": e.python, "timm": e.timm, "torch": e.torch, "probed": e.probed} for e in envs])
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "TIMM", "TORCH", "PYTHON"):
+        table.add_column(col)
+    for e in envs:
+        table.add_row(e.name, e.timm, e.torch, e.python or "(the one cachectl runs in)")
+    _console().print(table)
+
+
+@env.command(name="rm")
+@click.argument("name")
+@click.pass_context
+def env_rm(ctx: click.Context, name: str) -> None:
+    """Forget NAME and its pins (converted files stay until pruned)."""
+    try:
+        with _cache(ctx) as cache:
+            cache.env_rm(name)
+    except CachectlError as exc:
+        raise _fail(exc)
+    click.echo("removed %s" % name)
+
+
+@env.command(name="refresh")
+@click.argument("name")
+@click.pass_context
+def env_refresh(ctx: click.Context, name: str) -> None:
+    """Re-probe NAME's timm; if it changed, convert what its names need for the new one."""
+    try:
+        with _cache(ctx) as cache:
+            old, new = cache.env_refresh(name, progress=lambda sha: click.echo("converting %s" % sha[:12], err=True))
+    except CachectlError as exc:
+        raise _fail(exc)
+    if old.timm == new.timm:
+        click.echo("%s: timm %s, unchanged" % (name, new.timm))
+    else:
+        click.echo("%s: timm %s -> %s, converted what it needs" % (name, old.timm, new.timm))
 
 
 if __name__ == "__main__":

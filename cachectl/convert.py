@@ -203,6 +203,63 @@ def plan(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> _Attempt:
     )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A conversion planned and checked, not yet written."""
+
+    ckpt: Checkpoint = field(repr=False)
+    tag: Tag
+    model: ModelChoice
+    target_layout: str  # layout id of the target model: outputs with equal ids are interchangeable
+    target_timm: str
+    attempt: _Attempt = field(repr=False)
+
+
+def prepare(
+    source: str | Path | Checkpoint,
+    target: Target,
+    *,
+    catalog: Catalog | None = None,
+    model: str | None = None,
+    ema: bool = False,
+) -> Prepared:
+    """Read, identify and plan; the result passed the strict check against the target."""
+    catalog = catalog or Catalog.load()
+    ckpt = source if isinstance(source, Checkpoint) else read(source, ema=ema)
+    tag = identify(ckpt, catalog)
+    choice = target_model(tag, ckpt, target, catalog, model)
+    spec = target.describe(choice.name, choice.kwargs)
+    extra = migrations.kwargs_for(spec.family, ckpt.tensors, spec.layout.keys)
+    if extra:
+        choice = ModelChoice(choice.name, {**choice.kwargs, **extra})
+        spec = target.describe(choice.name, choice.kwargs)
+    attempt = plan(ckpt, spec, target)
+    return Prepared(ckpt, tag, choice, spec.layout.layout_id, target.info().timm, attempt)
+
+
+def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None) -> Conversion:
+    """Write the planned result as safetensors with its provenance in the metadata."""
+    ckpt, tag, choice = prepared.ckpt, prepared.tag, prepared.model
+    digest = source_sha256 or sha256_file(ckpt.weights)
+    metadata = {
+        "format": "pt",
+        "cachectl.version": __version__,
+        "cachectl.source_sha256": digest,
+        "cachectl.source_name": ckpt.path.name,
+        "cachectl.source_timm_versions": ",".join(tag.best.timm_versions),
+        "cachectl.source_architecture": tag.best.architecture,
+        "cachectl.target_timm": prepared.target_timm,
+        "cachectl.model": choice.name,
+        "cachectl.model_kwargs": _json(choice.kwargs),
+        "cachectl.steps": _json(list(prepared.attempt.steps)),
+    }
+    size = write(output, prepared.attempt.state, metadata)
+    return Conversion(
+        source=ckpt.path, output=output, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
+        target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=size,
+    )
+
+
 def convert(
     source: str | Path,
     output: str | Path | None,
@@ -212,43 +269,16 @@ def convert(
     model: str | None = None,
     ema: bool = False,
 ) -> Conversion:
-    catalog = catalog or Catalog.load()
-    ckpt = read(source, ema=ema)
-    tag = identify(ckpt, catalog)
-    choice = target_model(tag, ckpt, target, catalog, model)
-    spec = target.describe(choice.name, choice.kwargs)
-    extra = migrations.kwargs_for(spec.family, ckpt.tensors, spec.layout.keys)
-    if extra:
-        choice = ModelChoice(choice.name, {**choice.kwargs, **extra})
-        spec = target.describe(choice.name, choice.kwargs)
-    attempt = plan(ckpt, spec, target)
-    info = target.info()
-    out = Path(output) if output else _default_output(ckpt, choice, info.timm)
-    digest = sha256_file(ckpt.weights)
-    metadata = {
-        "format": "pt",
-        "cachectl.version": __version__,
-        "cachectl.source_sha256": digest,
-        "cachectl.source_name": ckpt.path.name,
-        "cachectl.source_timm_versions": ",".join(tag.best.timm_versions),
-        "cachectl.source_architecture": tag.best.architecture,
-        "cachectl.target_timm": info.timm,
-        "cachectl.model": choice.name,
-        "cachectl.model_kwargs": _json(choice.kwargs),
-        "cachectl.steps": _json(list(attempt.steps)),
-    }
-    size = write(out, attempt.state, metadata)
-    return Conversion(
-        source=ckpt.path, output=out, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
-        target_timm=info.timm, model=choice, steps=attempt.steps, tag=tag, size=size,
-    )
+    prepared = prepare(source, target, catalog=catalog, model=model, ema=ema)
+    out = Path(output) if output else _default_output(prepared.ckpt, prepared.target_timm)
+    return write_prepared(prepared, out)
 
 
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _default_output(ckpt: Checkpoint, choice: ModelChoice, timm_version: str) -> Path:
+def _default_output(ckpt: Checkpoint, timm_version: str) -> Path:
     stem = ckpt.path.name
     for suffix in (".safetensors", ".tar", ".pth", ".pt", ".bin", ".ckpt"):
         stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem

@@ -29,7 +29,7 @@ def write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-aligned, as safetensors writes it
     path = Path(path)
-    tmp = path.with_name(".%s.%d.tmp" % (path.name, os.getpid()))
+    tmp = path.with_name(".%s.pid%d.tmp" % (path.name, os.getpid()))
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))

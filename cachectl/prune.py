@@ -1,0 +1,173 @@
+"""Reclaiming disk: a plan first (what goes, what it frees), then the act.
+
+Never removed: a pinned version, the newest version of a name, anything an environment
+needs to load its pins, an entry still being written (its lock is held). References go
+before the blobs they point to, so an interrupted prune leaves a store that still reads.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CachectlError
+from .store import Store, Version
+
+# A blob no manifest names may be one whose manifest is about to be written.
+ORPHAN_GRACE = 3600
+_PID = re.compile(r"\.pid(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_last: int | None = None  # per name
+    older_than: float | None = None  # seconds
+    max_size: int | None = None  # bytes, for the whole store
+
+    @property
+    def empty(self) -> bool:
+        return self.keep_last is None and self.older_than is None and self.max_size is None
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    versions: tuple[Version, ...]
+    manifests: tuple[Path, ...]  # sources, converted entries and links that go with them
+    blobs: tuple[Path, ...]
+    leftovers: tuple[Path, ...]  # temporaries of interrupted writes
+    kept: tuple[tuple[str, str], ...]  # (ref, why) for versions a policy chose but a rule kept
+    freed: int
+
+    def execute(self, store: Store) -> int:
+        by_name: dict[str, set[int]] = {}
+        for v in self.versions:
+            by_name.setdefault(v.name, set()).add(v.version)
+        for name, gone in by_name.items():
+            with store.lock("name:" + name):
+                store.put_versions(name, [v for v in store.versions(name) if v.version not in gone])
+        for path in self.manifests + self.blobs + self.leftovers:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        return self.freed
+
+
+def parse_age(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise CachectlError(None, "cannot read the age %r" % text, "Write it like 30d, 12h, 90m or 2w.")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", text.lower())
+    if not m:
+        raise CachectlError(None, "cannot read the size %r" % text, "Write it like 500M, 20G or 1.5T.")
+    unit = m.group(2).rstrip("b")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
+    if policy.empty:
+        raise CachectlError(None, "prune needs a policy", "Give --keep-last N, --older-than AGE or --max-size SIZE.")
+    now = time.time() if now is None else now
+    versions = store.all_versions()
+    sources = store.all_sources()
+    converted = store.all_converted()
+    links = store.all_links()
+    pinned = {(n, v) for pins in store.all_pins().values() for n, v in pins.items()}
+    by_name: dict[str, list[Version]] = {}
+    for v in versions:
+        by_name.setdefault(v.name, []).append(v)
+
+    chosen: list[Version] = []
+    for name, vs in by_name.items():
+        vs.sort(key=lambda v: v.version)
+        for i, v in enumerate(vs):
+            too_many = policy.keep_last is not None and i < len(vs) - policy.keep_last
+            too_old = policy.older_than is not None and v.added < now - policy.older_than
+            if too_many or too_old:
+                chosen.append(v)
+    protected: dict[str, str] = {}
+    for name, vs in by_name.items():
+        protected.setdefault(vs[-1].ref, "newest version of %s" % name)
+    for v in versions:
+        if (v.name, v.version) in pinned:
+            protected[v.ref] = "pinned"
+        elif store.is_locked("name:" + v.name) or any(store.is_locked("convert:%s:%s" % (v.source, l.env)) for l in links if l.source == v.source):
+            protected.setdefault(v.ref, "being written")
+
+    def sizes_of(sha: str) -> int:
+        s = sources.get(sha)
+        return (s.size if s else 0) + sum(c.size for c in converted.values() if c.source == sha)
+
+    if policy.max_size is not None:
+        total = sum(s.size for s in sources.values()) + sum(c.size for c in converted.values())
+        already = {v.ref for v in chosen}
+        freed = sum(sizes_of(sha) for sha in _orphaned_sources(versions, chosen))
+        for v in sorted(versions, key=lambda v: v.added):
+            if total - freed <= policy.max_size:
+                break
+            if v.ref in already or v.ref in protected:
+                continue
+            chosen.append(v)
+            already.add(v.ref)
+            freed = sum(sizes_of(sha) for sha in _orphaned_sources(versions, chosen))
+
+    kept = tuple(sorted((v.ref, protected[v.ref]) for v in chosen if v.ref in protected))
+    chosen = [v for v in chosen if v.ref not in protected]
+    gone_sources = _orphaned_sources(versions, chosen)
+    manifests: list[Path] = []
+    blobs: list[Path] = []
+    for sha in sorted(gone_sources):
+        manifests += [store.links / l.env / ("%s.json" % sha) for l in links if l.source == sha]
+        for c in converted.values():
+            if c.source == sha:
+                manifests.append(store.converted / ("%s.json" % c.id))
+                blobs.append(store.blob_path(c.sha256))
+        manifests.append(store.sources / ("%s.json" % sha))
+        blobs.append(store.blob_path(sha))
+    freed = sum(sizes_of(sha) for sha in gone_sources)
+    orphans = _orphan_blobs(store, set(sources) | {c.sha256 for c in converted.values()}, now)
+    freed += sum(p.stat().st_size for p in orphans)
+    leftovers = [p for p in store.leftovers() if not _writer_alive(p)]
+    freed += sum(p.stat().st_size for p in leftovers)
+    return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),
+                     tuple(blobs + orphans), tuple(leftovers), kept, freed)
+
+
+def _orphaned_sources(versions: list[Version], chosen: list[Version]) -> set[str]:
+    """Sources no version refers to once `chosen` are gone."""
+    gone = {v.ref for v in chosen}
+    still = {v.source for v in versions if v.ref not in gone}
+    return {v.source for v in chosen} - still
+
+
+def _orphan_blobs(store: Store, named: set[str], now: float) -> list[Path]:
+    if not store.blobs.is_dir():
+        return []
+    out = []
+    for path in store.blobs.glob("*/*"):
+        if path.name.startswith(".") or path.name in named:
+            continue
+        if path.stat().st_mtime < now - ORPHAN_GRACE:
+            out.append(path)
+    return out
+
+
+def _writer_alive(path: Path) -> bool:
+    """Temporaries carry their writer's pid; a live writer's file is not a leftover."""
+    m = _PID.search(path.name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

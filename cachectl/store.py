@@ -1,0 +1,341 @@
+"""The store on disk: the filesystem is the database.
+
+    <root>/store-v1/blobs/sha256/ab/<sha256>        immutable files, named by content
+    <root>/store-v1/sources/<sha256>.json            one manifest per ingested checkpoint
+    <root>/store-v1/converted/<id>.json              one manifest per converted file
+    <root>/store-v1/names/<name>.json                the versions of a name
+    <root>/store-v1/links/<env>/<sha256>.json        which converted file an environment loads
+    <root>/envs/<env>.json                           registered environments
+    <root>/pins/<env>.json                           pins of an environment
+    <root>/locks/                                    lock files
+
+Every write goes to a hidden temporary in the destination folder, is fsynced and
+renamed into place, so readers never see half a file and a killed writer leaves only
+a `.tmp` that `cachectl prune` removes. The format version is in the folder name: a
+future layout gets a new folder and this one stays readable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import filelock
+
+from .errors import CachectlError
+
+FORMAT = 1
+TMP_SUFFIX = ".tmp"
+CHUNK = 8 * 1024 * 1024
+# A soft lock (CACHECTL_LOCKS=soft) whose holder died is broken after this long:
+# longer than any one conversion.
+LOCK_LIFETIME = 6 * 3600
+
+
+@dataclass(frozen=True)
+class Source:
+    sha256: str
+    size: int
+    origin: str  # the path it was first ingested from
+    added: float
+    format: str | None = None
+    architecture: str | None = None
+    timm_versions: tuple[str, ...] = ()
+    confidence: str | None = None
+    num_classes: int | None = None
+    error: str | None = None  # why it could not be read or identified
+
+
+@dataclass(frozen=True)
+class Converted:
+    id: str  # <source sha256[:16]>-<target layout id>
+    source: str
+    target_layout: str
+    target_timm: str
+    model: str
+    model_kwargs: dict = field(hash=False)
+    sha256: str
+    size: int
+    created: float
+    steps: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: int
+    source: str
+    added: float
+    origin: str
+
+    @property
+    def ref(self) -> str:
+        return "%s@%d" % (self.name, self.version)
+
+
+@dataclass(frozen=True)
+class Link:
+    """Environment `env` loads `converted` for `source`, or failed to, with `error`."""
+
+    env: str
+    source: str
+    timm: str  # the env's timm when this was decided: another timm invalidates it
+    converted: str | None
+    error: str | None
+    updated: float
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    python: str | None  # None: the interpreter cachectl runs in
+    timm: str
+    torch: str
+    probed: float
+
+
+def _to_json(value) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+        self.base = self.root / ("store-v%d" % FORMAT)
+        self.blobs = self.base / "blobs" / "sha256"
+        self.sources = self.base / "sources"
+        self.converted = self.base / "converted"
+        self.names = self.base / "names"
+        self.links = self.base / "links"
+        self.envs = self.root / "envs"
+        self.pins = self.root / "pins"
+        self.locks = self.root / "locks"
+        self.inbox = self.root / "inbox"
+
+    def init(self) -> "Store":
+        for d in (self.blobs, self.sources, self.converted, self.names, self.links, self.envs, self.pins, self.locks):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # -- atomic files ------------------------------------------------------------------
+
+    def write_json(self, path: Path, value) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".%s.pid%d%s" % (path.name, os.getpid(), TMP_SUFFIX))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(value, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def read_json(path: Path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise CachectlError(path, "is damaged (%s)" % exc, "Run cachectl verify; remove the file if it says so.")
+
+    @contextmanager
+    def lock(self, name: str, timeout: float = -1) -> Iterator[None]:
+        """An exclusive lock that a crashed holder does not keep forever."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        path = self.locks / ("%s.lock" % hashlib.sha1(name.encode()).hexdigest()[:20])
+        if os.environ.get("CACHECTL_LOCKS") == "soft":
+            # for filesystems whose kernel locks are no-ops (NFS mounted nolock, some Lustre)
+            lock = filelock.SoftFileLock(str(path), timeout=timeout, lifetime=LOCK_LIFETIME, is_singleton=False)
+        else:
+            # kernel locks vanish with their holder; filelock falls back to soft ones where
+            # the filesystem refuses them
+            lock = filelock.FileLock(str(path), timeout=timeout, is_singleton=False)
+        try:
+            with lock:
+                yield
+        except filelock.Timeout:
+            raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.")
+
+    def is_locked(self, name: str) -> bool:
+        try:
+            with self.lock(name, timeout=0):
+                return False
+        except CachectlError:
+            return True
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256[:2] / sha256
+
+    def ingest_file(self, path: Path) -> tuple[str, int]:
+        """Copy `path` into the blobs, hashing as it goes; (sha256, size). Same bytes: no copy."""
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        tmp = self.blobs / (".ingest.pid%d.%d%s" % (os.getpid(), time.monotonic_ns(), TMP_SUFFIX))
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while block := src.read(CHUNK):
+                    h.update(block)
+                    dst.write(block)
+                    size += len(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            digest = h.hexdigest()
+            final = self.blob_path(digest)
+            if final.exists():
+                tmp.unlink()
+            else:
+                final.parent.mkdir(exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest, size
+
+    def publish_blob(self, tmp: Path) -> tuple[str, int]:
+        """Move a finished temporary file into the blobs under its hash."""
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+        digest = h.hexdigest()
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        size = tmp.stat().st_size
+        if final.exists():
+            tmp.unlink()
+        else:
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, final)
+        return digest, size
+
+    def new_tmp(self, suffix: str = "") -> Path:
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        return self.blobs / (".new.pid%d.%d%s%s" % (os.getpid(), time.monotonic_ns(), suffix, TMP_SUFFIX))
+
+    # -- manifests -------------------------------------------------------------------------
+
+    def put_source(self, s: Source) -> None:
+        self.write_json(self.sources / ("%s.json" % s.sha256), {"format": FORMAT, **_to_json(s)})
+
+    def get_source(self, sha256: str) -> Source | None:
+        raw = self.read_json(self.sources / ("%s.json" % sha256))
+        return _source(raw) if raw else None
+
+    def all_sources(self) -> dict[str, Source]:
+        return {s.sha256: s for s in (_source(r) for r in self._read_all(self.sources))}
+
+    def put_converted(self, c: Converted) -> None:
+        self.write_json(self.converted / ("%s.json" % c.id), {"format": FORMAT, **_to_json(c)})
+
+    def get_converted(self, cid: str) -> Converted | None:
+        raw = self.read_json(self.converted / ("%s.json" % cid))
+        return _converted(raw) if raw else None
+
+    def all_converted(self) -> dict[str, Converted]:
+        return {c.id: c for c in (_converted(r) for r in self._read_all(self.converted))}
+
+    def versions(self, name: str) -> list[Version]:
+        raw = self.read_json(self.names / ("%s.json" % name)) or {"versions": []}
+        return [Version(name=name, **v) for v in raw["versions"]]
+
+    def all_versions(self) -> list[Version]:
+        out = []
+        for raw, path in self._read_all(self.names, with_path=True):
+            name = path.stem
+            out += [Version(name=name, **v) for v in raw["versions"]]
+        return out
+
+    def put_versions(self, name: str, versions: list[Version]) -> None:
+        path = self.names / ("%s.json" % name)
+        if not versions:
+            path.unlink(missing_ok=True)
+            return
+        rows = [{"version": v.version, "source": v.source, "added": v.added, "origin": v.origin} for v in versions]
+        self.write_json(path, {"format": FORMAT, "versions": rows})
+
+    def put_link(self, link: Link) -> None:
+        self.write_json(self.links / link.env / ("%s.json" % link.source), _to_json(link))
+
+    def get_link(self, env: str, source: str) -> Link | None:
+        raw = self.read_json(self.links / env / ("%s.json" % source))
+        return Link(**raw) if raw else None
+
+    def all_links(self) -> list[Link]:
+        out = []
+        if self.links.is_dir():
+            for env_dir in sorted(self.links.iterdir()):
+                if env_dir.is_dir():
+                    out += [Link(**r) for r in self._read_all(env_dir)]
+        return out
+
+    def remove_link(self, env: str, source: str) -> None:
+        (self.links / env / ("%s.json" % source)).unlink(missing_ok=True)
+
+    def put_env(self, env: Environment) -> None:
+        self.write_json(self.envs / ("%s.json" % env.name), _to_json(env))
+
+    def get_env(self, name: str) -> Environment | None:
+        raw = self.read_json(self.envs / ("%s.json" % name))
+        return Environment(**raw) if raw else None
+
+    def all_envs(self) -> list[Environment]:
+        return [Environment(**r) for r in self._read_all(self.envs)]
+
+    def remove_env(self, name: str) -> None:
+        (self.envs / ("%s.json" % name)).unlink(missing_ok=True)
+        (self.pins / ("%s.json" % name)).unlink(missing_ok=True)
+        shutil.rmtree(self.links / name, ignore_errors=True)
+
+    def pins_of(self, env: str) -> dict[str, int]:
+        return self.read_json(self.pins / ("%s.json" % env)) or {}
+
+    def put_pins(self, env: str, pins: dict[str, int]) -> None:
+        self.write_json(self.pins / ("%s.json" % env), pins)
+
+    def all_pins(self) -> dict[str, dict[str, int]]:
+        return {p.stem: self.read_json(p) or {} for p in sorted(self.pins.glob("*.json"))} if self.pins.is_dir() else {}
+
+    def _read_all(self, folder: Path, with_path: bool = False):
+        if not folder.is_dir():
+            return []
+        out = []
+        for path in sorted(folder.glob("*.json")):
+            try:
+                raw = self.read_json(path)
+            except CachectlError:
+                continue  # one damaged manifest must not hide the rest; verify reports it
+            if raw is not None:
+                out.append((raw, path) if with_path else raw)
+        return out
+
+    def leftovers(self) -> list[Path]:
+        """Temporaries of interrupted writes, anywhere in the store."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.rglob(".*" + TMP_SUFFIX) if p.is_file()]
+
+
+def _source(raw: dict) -> Source:
+    raw = {k: v for k, v in raw.items() if k != "format"}
+    raw["timm_versions"] = tuple(raw.get("timm_versions") or ())
+    return Source(**raw)
+
+
+def _converted(raw: dict) -> Converted:
+    raw = {k: v for k, v in raw.items() if k != "format"}
+    raw["steps"] = tuple(raw.get("steps") or ())
+    return Converted(**raw)

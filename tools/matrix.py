@@ -1,0 +1,123 @@
+"""The wide cross-version matrix: every model below, made by each release, converted for
+every other release, loaded strictly and run there; writes docs/compat-matrix.md.
+
+    python -m tools.matrix [--releases 0.4.12,0.6.13,0.9.16,1.0.31] [--models a,b]
+
+A case counts as equal when the target's outputs match the producing release's within
+tools.crossversion.ATOL. Models that a release does not have are skipped for it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from cachectl.catalog import Catalog, version_key
+from cachectl.convert import convert
+from cachectl.errors import CachectlError
+from cachectl.target import Target
+from tools.crossversion import ATOL, INSTALLED, make_checkpoint, python_for, run_in
+from tools.timm_releases import ROOT
+
+# One small model per family whose layout changed between catalogued releases, then
+# families that did not change, as controls.
+CHANGED = [
+    "swin_tiny_patch4_window7_224", "levit_128s", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224",
+    "pit_ti_224", "sequencer2d_s", "tresnet_m", "poolformer_s12", "coatnet_0_224", "convnext_tiny_hnf",
+    "vit_tiny_patch16_224", "beit_base_patch16_224", "tnt_s_patch16_224",
+]
+CONTROLS = ["resnet18", "efficientnet_b0", "mobilenetv3_small_050", "densenet121", "regnetx_002"]
+RELEASES = ["0.4.12", "0.6.13", "0.9.16", "1.0.31"]
+LATEST = "1.0.31"  # the release installed beside cachectl: its target runs in-process
+
+
+def _kind(steps: tuple[str, ...]) -> str:
+    if any(s.startswith("migration") for s in steps):
+        return "migration"
+    if any("filter" in s for s in steps):
+        return "timm filter"
+    return "as-is"
+
+
+def run(releases: list[str], models: list[str]) -> list[dict]:
+    catalog = Catalog.load()
+    have = {r: set(catalog.models(r)) for r in releases}
+    targets = {r: Target(None if r == LATEST else python_for(r)) for r in releases}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            for src in releases:
+                if model not in have[src]:
+                    continue
+                for dst in releases:
+                    if dst == src or model not in have[dst]:
+                        continue
+                    rows.append(_case(model, src, dst, targets[dst], Path(tmp)))
+                    r = rows[-1]
+                    print("%-30s %-7s -> %-7s %-10s %s" % (model, src, dst, r["result"], r["detail"][:90]), flush=True)
+    for t in targets.values():
+        t.close()
+    return rows
+
+
+def _case(model: str, src: str, dst: str, target: Target, tmp: Path) -> dict:
+    made = make_checkpoint(INSTALLED if src == LATEST else src, model)
+    out = tmp / ("%s-%s-%s.safetensors" % (model, src, dst))
+    start = time.perf_counter()
+    try:
+        result = convert(made.path, out, target)
+    except CachectlError as exc:
+        return {"model": model, "src": src, "dst": dst, "result": "no plan", "detail": str(exc).split(": ", 1)[-1]}
+    seconds = time.perf_counter() - start
+    got = run_in(INSTALLED if dst == LATEST else dst, {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, out, tmp)
+    diff = (got - made.logits).abs().max().item()
+    equal = diff <= ATOL
+    return {"model": model, "src": src, "dst": dst, "result": "equal" if equal else "DIFFERENT",
+            "detail": "%s, max diff %.1e, %.1f s" % (_kind(result.steps), diff, seconds)}
+
+
+def write(rows: list[dict], releases: list[str]) -> Path:
+    totals = defaultdict(lambda: [0, 0])
+    for r in rows:
+        t = totals[(r["src"], r["dst"])]
+        t[0] += r["result"] == "equal"
+        t[1] += 1
+    lines = ["# Cross-version compatibility matrix", "",
+             "Made by `python -m tools.matrix` (`make matrix`): each model is made with random weights by",
+             "the source release, converted by cachectl for the target release, loaded there with",
+             "`strict=True` and run on a fixed input. A cell is cases with outputs equal to the source",
+             "release's (max abs diff <= %g) / cases where both releases have the model." % ATOL, "",
+             "| source \\ target | " + " | ".join(releases) + " |", "|---" * (len(releases) + 1) + "|"]
+    for src in releases:
+        cells = []
+        for dst in releases:
+            eq, n = totals.get((src, dst), [0, 0])
+            cells.append("-" if src == dst else "%d/%d" % (eq, n))
+        lines.append("| %s | %s |" % (src, " | ".join(cells)))
+    lines += ["", "## Every case", "", "| model | source | target | result | how, max diff, convert time |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %s | %s | %s | %s |" % (r["model"], r["src"], r["dst"], r["result"], r["detail"].replace("|", "/")))
+    path = ROOT / "docs" / "compat-matrix.md"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--releases", default=",".join(RELEASES))
+    parser.add_argument("--models", default=",".join(CHANGED + CONTROLS))
+    args = parser.parse_args(argv)
+    releases = sorted(args.releases.split(","), key=version_key)
+    rows = run(releases, args.models.split(","))
+    path = write(rows, releases)
+    bad = [r for r in rows if r["result"] != "equal"]
+    print("wrote %s: %d cases, %d equal" % (path, len(rows), len(rows) - len(bad)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
