@@ -18,7 +18,7 @@ from .convert import prepare, sha256_file, strict_check, write_prepared
 from .errors import CachectlError
 from .identify import identify
 from .reader import Checkpoint, read
-from .store import Converted, Environment, Link, Source, Store, Version
+from .store import CONVERTED_SUFFIX, Converted, Environment, Link, Source, Store, Version
 from .target import Target
 
 DEFAULT_ENV = "default"
@@ -238,7 +238,7 @@ class Cache:
 
     def _converted_ok(self, cid: str | None) -> bool:
         c = self.store.get_converted(cid) if cid else None
-        return c is not None and self.store.blob_path(c.sha256).exists()
+        return c is not None and self.store.converted_path(c).exists()
 
     def _convert(self, source: Source, env: Environment, ckpt: Checkpoint | None) -> Link:
         try:
@@ -251,7 +251,7 @@ class Cache:
                     tmp = self.store.new_tmp(".safetensors")
                     try:
                         result = write_prepared(prepared, tmp, source.sha256)
-                        digest, size = self.store.publish_blob(tmp)
+                        digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX)
                     finally:
                         tmp.unlink(missing_ok=True)
                     self.store.put_converted(Converted(
@@ -291,7 +291,7 @@ class Cache:
             raise CachectlError(None, "%s cannot be loaded in %s: %s" % (version.ref, environment.name, link.error),
                                 "Run cachectl show %s for details." % version.ref)
         converted = self.store.get_converted(link.converted)
-        return Resolved(version, environment.name, converted, self.store.blob_path(converted.sha256))
+        return Resolved(version, environment.name, converted, self.store.converted_path(converted))
 
     def pin(self, ref: str, env: str) -> Version:
         environment = self.env(env)
@@ -361,7 +361,7 @@ class Cache:
             out["environments"][l.env] = {
                 "timm": l.timm, "error": l.error,
                 "converted": dataclasses.asdict(c) if c else None,
-                "path": str(self.store.blob_path(c.sha256)) if c else None,
+                "path": str(self.store.converted_path(c)) if c else None,
             }
         return out
 
@@ -377,15 +377,15 @@ class Cache:
         for sha in sorted(shas):
             if progress:
                 progress(sha)
-            problems += self._check_blob(sha, "source of %s" % ", ".join(v.ref for v in versions if v.source == sha))
+            problems += self._check_blob(self.store.blob_path(sha), sha, "source of %s" % ", ".join(v.ref for v in versions if v.source == sha))
         envs = {e.name: e for e in self.environments()}
         for c in converted:
-            problems += self._check_blob(c.sha256, "converted %s" % c.id)
+            problems += self._check_blob(self.store.converted_path(c), c.sha256, "converted %s" % c.id)
             for link in self.store.all_links():
                 if link.converted != c.id or link.env not in envs or link.timm != envs[link.env].timm:
                     continue
                 spec = self.target(envs[link.env]).describe(c.model, c.model_kwargs)
-                path = self.store.blob_path(c.sha256)
+                path = self.store.converted_path(c)
                 if path.exists():
                     mismatch = strict_check(read(path).tensors, spec.layout)
                     if not mismatch.ok:
@@ -393,8 +393,7 @@ class Cache:
                             path, c.model, link.env, mismatch.describe()))
         return problems
 
-    def _check_blob(self, sha: str, what: str) -> list[str]:
-        path = self.store.blob_path(sha)
+    def _check_blob(self, path: Path, sha: str, what: str) -> list[str]:
         if not path.exists():
             return ["%s (%s): missing" % (path, what)]
         actual = sha256_file(path)

@@ -128,7 +128,7 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
         for c in converted.values():
             if c.source == sha:
                 manifests.append(store.converted / ("%s.json" % c.id))
-                blobs.append(store.blob_path(c.sha256))
+                blobs.append(store.converted_path(c))
         manifests.append(store.sources / ("%s.json" % sha))
         blobs.append(store.blob_path(sha))
     freed = sum(sizes_of(sha) for sha in gone_sources)
@@ -152,7 +152,7 @@ def _orphan_blobs(store: Store, named: set[str], now: float) -> list[Path]:
         return []
     out = []
     for path in store.blobs.glob("*/*"):
-        if path.name.startswith(".") or path.name in named:
+        if path.name.startswith(".") or path.name.split(".")[0] in named:
             continue
         if path.stat().st_mtime < now - ORPHAN_GRACE:
             out.append(path)

@@ -32,6 +32,7 @@ from .errors import CachectlError
 
 FORMAT = 1
 TMP_SUFFIX = ".tmp"
+CONVERTED_SUFFIX = ".safetensors"
 CHUNK = 8 * 1024 * 1024
 # A soft lock (CACHECTL_LOCKS=soft) whose holder died is broken after this long:
 # longer than any one conversion.
@@ -175,8 +176,12 @@ class Store:
 
     # -- blobs -------------------------------------------------------------------------
 
-    def blob_path(self, sha256: str) -> Path:
-        return self.blobs / sha256[:2] / sha256
+    def blob_path(self, sha256: str, suffix: str = "") -> Path:
+        # converted files keep .safetensors: timm picks its loader by the file's suffix
+        return self.blobs / sha256[:2] / (sha256 + suffix)
+
+    def converted_path(self, c: "Converted") -> Path:
+        return self.blob_path(c.sha256, CONVERTED_SUFFIX)
 
     def ingest_file(self, path: Path) -> tuple[str, int]:
         """Copy `path` into the blobs, hashing as it goes; (sha256, size). Same bytes: no copy."""
@@ -205,14 +210,14 @@ class Store:
             raise
         return digest, size
 
-    def publish_blob(self, tmp: Path) -> tuple[str, int]:
+    def publish_blob(self, tmp: Path, suffix: str = "") -> tuple[str, int]:
         """Move a finished temporary file into the blobs under its hash."""
         h = hashlib.sha256()
         with open(tmp, "rb") as f:
             while block := f.read(CHUNK):
                 h.update(block)
         digest = h.hexdigest()
-        final = self.blob_path(digest)
+        final = self.blob_path(digest, suffix)
         final.parent.mkdir(parents=True, exist_ok=True)
         size = tmp.stat().st_size
         if final.exists():

@@ -1,0 +1,247 @@
+"""The cache through its CLI, on real files, with environments running different timm releases."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cachectl
+from cachectl.cli import main
+from conftest import INSTALLED, make_checkpoint, python_for, run_in
+
+SMALL = "mobilenetv3_small_050"
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    monkeypatch.setenv("CACHECTL_ROOT", str(root))
+    return root
+
+
+def cli(*args, input=None, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def rows():
+    return {r["version"]: r for r in json.loads(cli("list", "--json").output)}
+
+
+def copy_to(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def other_bytes(src: Path, dst: Path) -> Path:
+    """The same model with other weights: a new version of a name."""
+    state = torch.load(src, weights_only=True)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, dst)
+    return dst
+
+
+def test_add_list_show_and_path_per_environment(root, tmp_path):
+    cli("env", "add", "old", "--python", python_for("0.6.13"))
+    made = make_checkpoint("0.6.13", "levit_128s")
+    answer = json.loads(cli("add", made.path, "--name", "levit", "--json").output)
+    assert answer["version"] == "levit@1" and answer["new_version"] is True
+    assert set(answer["environments"]) == {"default", "old"}
+    assert all(e["error"] is None for e in answer["environments"].values())
+
+    row = rows()["levit@1"]
+    assert row["name"] == "levit" and row["architecture"] == "levit_128s"
+    assert "0.6.13" in row["timm_versions"]
+    assert row["state"] == "ready" and row["error"] is None
+    assert sorted(row["environments"]) == ["default", "old"]
+    assert row["pinned"] == [] and row["size"] > made.path.stat().st_size
+
+    # each environment gets a file its own timm loads strictly, with the source's outputs
+    for env, release in (("default", INSTALLED), ("old", "0.6.13")):
+        path = Path(cli("path", "levit", "--env", env).output.strip())
+        converted = json.loads(cli("show", "levit", "--json").output)["environments"][env]["converted"]
+        got = run_in(release, {"name": converted["model"], "kwargs": converted["model_kwargs"]}, path, tmp_path)
+        assert (got - made.logits).abs().max().item() <= 1e-5
+
+    shown = json.loads(cli("show", "levit@1", "--json").output)
+    assert shown["source"]["sha256"] == row["sha256"]
+    assert shown["origin"] == str(made.path)
+
+
+def test_same_bytes_twice_is_a_no_op_and_new_bytes_a_new_version(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    first = copy_to(made.path, tmp_path / "net.pth")
+    cli("add", first)
+    again = json.loads(cli("add", first, "--json").output)
+    assert again["version"] == "net@1" and again["new_version"] is False
+    cli("add", other_bytes(made.path, tmp_path / "net.pth"))
+    assert sorted(rows()) == ["net@1", "net@2"]
+    blobs = [p for p in (root / "store-v1" / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 4  # two sources, two converted files: nothing stored twice
+
+
+def test_pins_are_per_environment_and_python_api_follows_them(root, tmp_path):
+    cli("env", "add", "prod", "--python", python_for(INSTALLED))
+    made = make_checkpoint(INSTALLED, SMALL)
+    cli("add", copy_to(made.path, tmp_path / "net.pth"))
+    cli("add", other_bytes(made.path, tmp_path / "net.pth"))
+    assert "net@1 pinned in prod" in cli("pin", "net@1", "--env", "prod").output
+    assert rows()["net@1"]["pinned"] == ["prod"]
+    pins = json.loads(cli("pins", "--json").output)
+    assert pins["prod"] == {"net": 1} and pins["default"] == {}
+
+    prod = cachectl.load_state_dict("net", env="prod")
+    default = cachectl.load_state_dict("net")
+    original = torch.load(made.path, weights_only=True)
+    key = "conv_stem.weight"
+    assert torch.equal(prod[key], original[key])  # prod stays on version 1
+    assert torch.equal(default[key], original[key] + 1)  # default follows the newest
+    model = cachectl.create_model("net", env="prod")
+    assert torch.equal(model.state_dict()[key], original[key])
+
+    cli("unpin", "net", "--env", "prod")
+    assert torch.equal(cachectl.load_state_dict("net", env="prod")[key], original[key] + 1)
+
+
+def test_errors_are_one_sentence_with_a_fix(root, tmp_path):
+    result = cli("path", "nothing", ok=False)
+    assert result.exit_code == 1 and "nothing named nothing" in result.output and "cachectl add" in result.output
+    result = cli("pin", "x@1", "--env", "nope", ok=False)
+    assert result.exit_code == 1 and "no environment named nope" in result.output
+    result = cli("prune", ok=False)
+    assert result.exit_code == 1 and "--keep-last" in result.output
+    (tmp_path / "junk.pth").write_text("not weights")
+    result = cli("add", tmp_path / "junk.pth", ok=False)
+    assert result.exit_code == 1 and "junk.pth" in result.output and "not a checkpoint" in result.output
+
+
+def _three_versions(tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    path = tmp_path / "net.pth"
+    for i in range(3):
+        state = {k: v + i if v.is_floating_point() else v for k, v in torch.load(made.path, weights_only=True).items()}
+        torch.save(state, path)
+        cli("add", path)
+    return made
+
+
+def test_prune_keep_last_plans_asks_and_keeps_pins(root, tmp_path):
+    _three_versions(tmp_path)
+    cli("pin", "net@1", "--env", "default")
+    plan = json.loads(cli("prune", "--keep-last", "1", "--dry-run", "--json").output)
+    assert plan["remove"] == ["net@2"]
+    assert {"version": "net@1", "why": "pinned"} in plan["kept"]
+    assert plan["freed"] > 0
+    assert sorted(rows()) == ["net@1", "net@2", "net@3"]  # a dry run removes nothing
+
+    refused = cli("prune", "--keep-last", "1", input="n\n", ok=False)
+    assert refused.exit_code == 1 and sorted(rows()) == ["net@1", "net@2", "net@3"]
+    before = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    done = cli("prune", "--keep-last", "1", input="y\n")
+    assert "freed" in done.output
+    assert sorted(rows()) == ["net@1", "net@3"]
+    after = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert before - after >= plan["freed"] * 0.99
+    assert cli("verify").output.strip() == "all good"
+
+
+def test_prune_older_than_and_max_size_never_take_the_newest(root, tmp_path):
+    _three_versions(tmp_path)
+    plan = json.loads(cli("prune", "--older-than", "0s", "--dry-run", "--json").output)
+    assert plan["remove"] == ["net@1", "net@2"]
+    assert {"version": "net@3", "why": "newest version of net"} in plan["kept"]
+    sizes = {r["version"]: r["size"] for r in rows().values()}
+    budget = sizes["net@3"] + sizes["net@2"] + 1
+    plan = json.loads(cli("prune", "--max-size", str(budget), "--dry-run", "--json").output)
+    assert plan["remove"] == ["net@1"]  # the oldest goes first, and only as many as needed
+    cli("prune", "--max-size", "1", "--yes")
+    assert sorted(rows()) == ["net@3"]
+
+
+def test_prune_keeps_what_is_being_written(root, tmp_path):
+    from cachectl.store import Store
+
+    _three_versions(tmp_path)
+    store = Store(root)
+    with store.lock("name:net"):
+        plan = json.loads(cli("prune", "--keep-last", "1", "--dry-run", "--json").output)
+    assert plan["remove"] == []
+    assert {"version": "net@1", "why": "being written"} in plan["kept"]
+
+
+def test_verify_finds_a_damaged_blob(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    cli("add", copy_to(made.path, tmp_path / "net.pth"))
+    assert cli("verify", "net").exit_code == 0
+    blob = Path(cli("path", "net").output.strip())
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    result = cli("verify", ok=False)
+    assert result.exit_code == 1 and "damaged" in result.output and str(blob) in result.output
+
+
+_ADD = """
+import sys
+from cachectl.cache import Cache
+with Cache(sys.argv[1]) as cache:
+    r = cache.add(sys.argv[2], "net")
+    print(r.version.ref, [l.converted for l in r.links])
+"""
+
+
+def test_concurrent_writers_convert_once(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    src = copy_to(made.path, tmp_path / "net.pth")
+    procs = [subprocess.Popen([sys.executable, "-c", _ADD, str(root), str(src)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(rows()) == ["net@1"]
+    converted = list((root / "store-v1" / "converted").glob("*.json"))
+    assert len(converted) == 1
+    assert len({o.strip() for o in outs}) == 1  # every writer points at the same converted entry
+
+
+_SLOW_ADD = """
+import sys, time
+from cachectl import safetensors_io
+from cachectl.cache import Cache
+real = safetensors_io.write
+def slow(path, tensors, metadata):
+    print("writing", flush=True)
+    time.sleep(60)
+    return real(path, tensors, metadata)
+import cachectl.convert
+cachectl.convert.write = slow
+with Cache(sys.argv[1]) as cache:
+    cache.add(sys.argv[2], "net")
+"""
+
+
+def test_writer_killed_mid_write_leaves_a_store_that_reads_and_heals(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    src = copy_to(made.path, tmp_path / "net.pth")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_ADD, str(root), str(src)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    (root / "store-v1" / "blobs" / (".new.pid%d.1.safetensors.tmp" % proc.pid)).write_bytes(b"half")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # the version was recorded, its conversion was not: the store reads and says so
+    assert rows()["net@1"]["state"] == "converting"
+    plan = json.loads(cli("prune", "--keep-last", "5", "--dry-run", "--json").output)
+    assert any(p.endswith(".tmp") for p in plan["leftovers"])
+    cli("prune", "--keep-last", "5", "--yes")
+    assert not list(root.rglob("*.tmp"))
+    # the next reader converts what is missing, once
+    assert Path(cli("path", "net").output.strip()).exists()
+    assert rows()["net@1"]["state"] == "ready"
