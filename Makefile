@@ -30,3 +30,6 @@ catalog: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache build
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,71 +81,86 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
     converted = store.all_converted()
     links = store.all_links()
     pinned = {(n, v) for pins in store.all_pins().values() for n, v in pins.items()}
-    by_name: dict[str, list[Version]] = {}
+    envs_of: dict[str, list[str]] = defaultdict(list)
+    for link in links:
+        envs_of[link.source].append(link.env)
+    converted_of: dict[str, list] = defaultdict(list)
+    for c in converted.values():
+        converted_of[c.source].append(c)
+    refs: dict[str, int] = defaultdict(int)  # versions still naming each source
+    by_name: dict[str, list[Version]] = defaultdict(list)
     for v in versions:
-        by_name.setdefault(v.name, []).append(v)
+        by_name[v.name].append(v)
+        refs[v.source] += 1
+    for vs in by_name.values():
+        vs.sort(key=lambda v: v.version)
+    newest = {name: vs[-1].version for name, vs in by_name.items()}
+
+    def protection(v: Version) -> str | None:
+        if (v.name, v.version) in pinned:
+            return "pinned"
+        if newest[v.name] == v.version:
+            return "newest version of %s" % v.name
+        if store.is_locked("name:" + v.name) or any(
+                store.is_locked("convert:%s:%s" % (v.source, env)) for env in envs_of[v.source]):
+            return "being written"
+        return None
+
+    def size_of(sha: str) -> int:
+        s = sources.get(sha)
+        return (s.size if s else 0) + sum(c.size for c in converted_of[sha])
 
     chosen: list[Version] = []
-    for name, vs in by_name.items():
-        vs.sort(key=lambda v: v.version)
+    kept: list[tuple[str, str]] = []
+    gone_sources: set[str] = set()
+    freed = 0
+
+    def take(v: Version) -> None:
+        nonlocal freed
+        chosen.append(v)
+        refs[v.source] -= 1
+        if refs[v.source] == 0:
+            gone_sources.add(v.source)
+            freed += size_of(v.source)
+
+    for vs in by_name.values():
         for i, v in enumerate(vs):
             too_many = policy.keep_last is not None and i < len(vs) - policy.keep_last
             too_old = policy.older_than is not None and v.added < now - policy.older_than
             if too_many or too_old:
-                chosen.append(v)
-    protected: dict[str, str] = {}
-    for name, vs in by_name.items():
-        protected.setdefault(vs[-1].ref, "newest version of %s" % name)
-    for v in versions:
-        if (v.name, v.version) in pinned:
-            protected[v.ref] = "pinned"
-        elif store.is_locked("name:" + v.name) or any(store.is_locked("convert:%s:%s" % (v.source, l.env)) for l in links if l.source == v.source):
-            protected.setdefault(v.ref, "being written")
-
-    def sizes_of(sha: str) -> int:
-        s = sources.get(sha)
-        return (s.size if s else 0) + sum(c.size for c in converted.values() if c.source == sha)
-
+                why = protection(v)
+                if why:
+                    kept.append((v.ref, why))
+                else:
+                    take(v)
     if policy.max_size is not None:
-        total = sum(s.size for s in sources.values()) + sum(c.size for c in converted.values())
-        already = {v.ref for v in chosen}
-        freed = sum(sizes_of(sha) for sha in _orphaned_sources(versions, chosen))
+        total = sum(size_of(sha) for sha in sources)
+        decided = {v.ref for v in chosen} | {ref for ref, _ in kept}
         for v in sorted(versions, key=lambda v: v.added):
             if total - freed <= policy.max_size:
                 break
-            if v.ref in already or v.ref in protected:
+            if v.ref in decided:
                 continue
-            chosen.append(v)
-            already.add(v.ref)
-            freed = sum(sizes_of(sha) for sha in _orphaned_sources(versions, chosen))
+            why = protection(v)
+            if why:
+                kept.append((v.ref, why))
+            else:
+                take(v)
 
-    kept = tuple(sorted((v.ref, protected[v.ref]) for v in chosen if v.ref in protected))
-    chosen = [v for v in chosen if v.ref not in protected]
-    gone_sources = _orphaned_sources(versions, chosen)
     manifests: list[Path] = []
     blobs: list[Path] = []
     for sha in sorted(gone_sources):
-        manifests += [store.links / l.env / ("%s.json" % sha) for l in links if l.source == sha]
-        for c in converted.values():
-            if c.source == sha:
-                manifests.append(store.converted / ("%s.json" % c.id))
-                blobs.append(store.converted_path(c))
+        manifests += [store.links / env / ("%s.json" % sha) for env in envs_of[sha]]
+        for c in converted_of[sha]:
+            manifests.append(store.converted / ("%s.json" % c.id))
+            blobs.append(store.converted_path(c))
         manifests.append(store.sources / ("%s.json" % sha))
         blobs.append(store.blob_path(sha))
-    freed = sum(sizes_of(sha) for sha in gone_sources)
     orphans = _orphan_blobs(store, set(sources) | {c.sha256 for c in converted.values()}, now)
-    freed += sum(p.stat().st_size for p in orphans)
     leftovers = [p for p in store.leftovers() if not _writer_alive(p)]
-    freed += sum(p.stat().st_size for p in leftovers)
+    freed += sum(p.stat().st_size for p in orphans + leftovers)
     return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),
-                     tuple(blobs + orphans), tuple(leftovers), kept, freed)
-
-
-def _orphaned_sources(versions: list[Version], chosen: list[Version]) -> set[str]:
-    """Sources no version refers to once `chosen` are gone."""
-    gone = {v.ref for v in chosen}
-    still = {v.source for v in versions if v.ref not in gone}
-    return {v.source for v in chosen} - still
+                     tuple(blobs + orphans), tuple(leftovers), tuple(sorted(kept)), freed)
 
 
 def _orphan_blobs(store: Store, named: set[str], now: float) -> list[Path]:
