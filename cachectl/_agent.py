@@ -50,7 +50,7 @@ def _params_on_meta():
 
 @contextlib.contextmanager
 def _no_init():
-    # The fallback path allocates real parameters; skipping their random init keeps it fast.
+    # Parameter values are never read here: skipping their random init keeps building fast.
     names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(nn.init, n) for n in names}
     for n in names:
@@ -74,7 +74,7 @@ def empty_model(name, kwargs=None, pretrained_hook=None):
         kwargs["pretrained"] = True
     with _patched_load_pretrained(pretrained_hook):
         try:
-            with _params_on_meta():
+            with _params_on_meta(), _no_init():
                 model = timm.create_model(name, **kwargs)
         except Exception:  # any failure on meta: retry the plain way, errors surface there
             with _no_init():

@@ -131,11 +131,10 @@ class Cache:
                             "See cachectl env list, or register it: cachectl env add %s --python PY." % name)
 
     def _probe(self, name: str, python: str | None) -> Environment:
-        target = self._targets.get(name)
-        if target is None or target.python != (os.path.abspath(python) if python else None):
-            if target is not None:
-                target.close()
-            target = self._targets[name] = Target(python)
+        # a fresh agent: a running one keeps the timm it imported before an upgrade
+        if name in self._targets:
+            self._targets.pop(name).close()
+        target = self._targets[name] = Target(python)
         info = target.info()
         return Environment(name=name, python=target.python, timm=info.timm, torch=info.torch, probed=time.time())
 

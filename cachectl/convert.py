@@ -8,6 +8,7 @@ buffers it does save from a fresh target model.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -240,11 +241,9 @@ def prepare(
 def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None) -> Conversion:
     """Write the planned result as safetensors with its provenance in the metadata."""
     ckpt, tag, choice = prepared.ckpt, prepared.tag, prepared.model
-    digest = source_sha256 or sha256_file(ckpt.weights)
     metadata = {
         "format": "pt",
         "cachectl.version": __version__,
-        "cachectl.source_sha256": digest,
         "cachectl.source_name": ckpt.path.name,
         "cachectl.source_timm_versions": ",".join(tag.best.timm_versions),
         "cachectl.source_architecture": tag.best.architecture,
@@ -253,7 +252,16 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
         "cachectl.model_kwargs": _json(choice.kwargs),
         "cachectl.steps": _json(list(prepared.attempt.steps)),
     }
-    size = write(output, prepared.attempt.state, metadata)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        if source_sha256 is None:
+            # hash the source on the other core while the output is written
+            hashing = pool.submit(sha256_file, ckpt.weights)
+            deferred = {"cachectl.source_sha256": hashing.result}
+        else:
+            metadata["cachectl.source_sha256"] = source_sha256
+            deferred = None
+        size = write(output, prepared.attempt.state, metadata, deferred=deferred, source=ckpt.weights, span=ckpt.span)
+        digest = source_sha256 or hashing.result()
     return Conversion(
         source=ckpt.path, output=output, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
         target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=size,

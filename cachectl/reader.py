@@ -15,7 +15,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -66,6 +66,9 @@ class Checkpoint:
     stripped_prefix: str = ""
     hints: Hints = field(default_factory=Hints)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # offset in `weights` where a tensor's bytes lie unchanged, None if they do not
+    # (so a writer can have the kernel copy them); tensors are never modified in place
+    span: Callable[[torch.Tensor], int | None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -88,12 +91,13 @@ def read(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint:
 def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint:
     with open(weights, "rb") as f:
         head = f.read(8)
+    base = None
     if head[:4] == b"PK\x03\x04":
         obj = _torch_load(weights, mmap=True)
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
     elif _looks_like_safetensors(weights, head):
-        tensors, metadata = _safetensors(weights)
+        tensors, metadata, base = _safetensors(weights)
         fmt = "safetensors"
         obj = tensors
     elif head[:2] == b"\x80\x02" or head[:1] == b"\x80":
@@ -110,10 +114,54 @@ def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint
     state, prefix = _strip_prefixes(state)
     hints = _merge_hints(hints, extras, metadata)
     layout = Layout.from_specs({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()})
+    if fmt == "torch-zip":
+        base = _zip_base(weights, state)
     return Checkpoint(
         path=path, weights=weights, format=fmt, layout=layout, tensors=state, container=container,
         other_containers=others, stripped_prefix=prefix, hints=hints, metadata=metadata,
+        span=_spanner(base, weights.stat().st_size) if base is not None else None,
     )
+
+
+def _spanner(base: int, size: int) -> Callable[[torch.Tensor], int | None]:
+    def span(t: torch.Tensor) -> int | None:
+        ptr, n = t.data_ptr(), t.numel() * t.element_size()
+        if t.is_contiguous() and base <= ptr and ptr + n <= base + size:
+            return ptr - base
+        return None
+    return span
+
+
+def _zip_base(path: Path, state: Mapping[str, torch.Tensor]) -> int | None:
+    """Where torch mapped the zip file, from where its first data record landed.
+
+    torch.load(mmap=True) maps the file once and its storages are slices of that map;
+    the storage at the lowest address is the data record at the lowest offset. The
+    answer is checked against the file's bytes, and None where it does not hold.
+    """
+    storages = [t.untyped_storage() for t in state.values() if t.untyped_storage().nbytes()]
+    if not storages:
+        return None
+    first = min(storages, key=lambda s: s.data_ptr())
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        offsets = []
+        for info in z.infolist():
+            if "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED and info.file_size:
+                f.seek(info.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", f.read(4))
+                offsets.append(info.header_offset + 30 + name_len + extra_len)
+        if not offsets:
+            return None
+        start = min(offsets)
+        base = first.data_ptr() - start
+        # every storage must start exactly at a data record, or the guess is wrong
+        if not {s.data_ptr() - base for s in storages} <= set(offsets):
+            return None
+        n = min(64, first.nbytes())
+        f.seek(start)
+        expected = f.read(n)
+    actual = bytes(torch.tensor([], dtype=torch.uint8).set_(first)[:n].tolist())
+    return base if actual == expected else None
 
 
 def _looks_like_safetensors(path: Path, head: bytes) -> bool:
@@ -127,7 +175,7 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
         return f.read(1) == b"{"
 
 
-def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -162,7 +210,8 @@ def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if begin % chunk.element_size() or (dtype.itemsize and begin % dtype.itemsize):
             chunk = chunk.clone()  # unaligned: only a copy can be viewed as a wider dtype
         tensors[key] = chunk.view(dtype).reshape(info["shape"])
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    base = raw_bytes.data_ptr() if storage is not None else None
+    return tensors, {str(k): str(v) for k, v in metadata.items()}, base
 
 
 def _safe_globals() -> list:

@@ -62,6 +62,7 @@ class Target:
         self._tmp = Path(tempfile.mkdtemp(prefix="cachectl-target-"))
         self._agent = None
         self._info: TargetInfo | None = None
+        self._specs: dict[str, ModelSpec] = {}  # a daemon converts many files of one model
 
     def __enter__(self) -> "Target":
         return self
@@ -127,6 +128,12 @@ class Target:
         return self._call("resolve_name", name=name)
 
     def describe(self, name: str, kwargs: Mapping[str, object]) -> ModelSpec:
+        key = json.dumps([name, kwargs], sort_keys=True)
+        if key not in self._specs:
+            self._specs[key] = self._describe(name, kwargs)
+        return self._specs[key]
+
+    def _describe(self, name: str, kwargs: Mapping[str, object]) -> ModelSpec:
         raw = self._call("describe", name=name, kwargs=dict(kwargs))
         return ModelSpec(
             name=name, kwargs=dict(kwargs), layout=Layout.from_rows(raw["keys"]),

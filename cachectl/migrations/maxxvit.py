@@ -2,7 +2,8 @@
 the final `norm` + linear classifier for a head that pools, normalises (`head.norm`)
 and adds a tanh pre-logits layer (`head.pre_logits.fc`) before `head.fc`. A file from
 0.6.13 or earlier has no pre-logits weights, so it is loaded by building the newer
-model with `head_hidden_size=None`, which restores the old head with the old keys.
+model with `head_hidden_size=0` (timm.create_model drops None kwargs), which restores
+the old head with the old keys.
 The pre-logits layer has no counterpart in 0.6.13, so a file trained with it cannot
 go back."""
 from . import Migration, register
@@ -20,7 +21,7 @@ def _same(state):
 
 def _kwargs(source, target):
     if _is_old(source) and any(k.startswith("head.pre_logits.") for k in target):
-        return {"head_hidden_size": None}
+        return {"head_hidden_size": 0}
     return {}
 
 
