@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import __version__, migrations
-from .catalog import Catalog
+from .catalog import Catalog, version_key
 from .errors import NoPlanError, TargetError
 from .identify import Tag, identify
 from .layout import Layout
@@ -178,6 +178,19 @@ def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str,
     return plans
 
 
+def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str) -> None:
+    """NoPlanError when every release that makes this layout computes differently from the target."""
+    for change in migrations.math_changes(spec.family, spec.name.split(".")[0]):
+        span = (version_key(change.first), version_key(change.last))
+        sides = {span[0] <= version_key(v) <= span[1] for v in tag.best.timm_versions}
+        if len(sides) == 1 and (span[0] <= version_key(target_timm) <= span[1]) not in sides:
+            raise NoPlanError(
+                ckpt.path, "%s computes differently in timm %s than in timm %s, which made this file: %s" % (
+                    spec.name, target_timm, ", ".join(tag.best.timm_versions), change.reason),
+                "Convert it for a timm release on the same side (%s to %s, or outside it)." % (change.first, change.last),
+            )
+
+
 def plan(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> _Attempt:
     """The first plan whose result loads strictly into `spec`; NoPlanError if none does."""
     attempts = []
@@ -234,6 +247,7 @@ def prepare(
     if extra:
         choice = ModelChoice(choice.name, {**choice.kwargs, **extra})
         spec = target.describe(choice.name, choice.kwargs)
+    _refuse_math_changes(ckpt, tag, spec, target.info().timm)
     attempt = plan(ckpt, spec, target)
     return Prepared(ckpt, tag, choice, spec.layout.layout_id, target.info().timm, attempt)
 

@@ -20,8 +20,6 @@ def test_pit_converts_with_equal_outputs(roundtrip, model, src, dst):
     assert any("pit.pool-at-stage-start" in s for s in result.steps)
 
 
-@pytest.mark.xfail(strict=True, reason="the planner cannot see timm versions yet: it converts, "
-                   "and 0.9.16 computes a different head_dist output (max diff ~1e-2)")
 def test_distilled_pit_is_refused_for_the_releases_that_changed_its_math(targets, tmp_path):
     model = "pit_ti_distilled_224"
     made = make_checkpoint("0.6.13", model)

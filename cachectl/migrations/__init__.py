@@ -36,11 +36,34 @@ class Migration:
         return self.families[0]
 
 
+@dataclass(frozen=True)
+class MathChange:
+    """Releases in which some models compute differently with the very same keys.
+
+    No weights can carry a file across such a change, so the planner refuses to."""
+
+    families: tuple[str, ...]
+    applies: Callable[[str], bool]  # model name -> affected?
+    first: str  # first release with the other math
+    last: str  # last release with it
+    reason: str
+
+
 _REGISTRY: list[Migration] = []
+_MATH: list[MathChange] = []
 
 
 def register(*migrations: Migration) -> None:
     _REGISTRY.extend(migrations)
+
+
+def register_math_change(*changes: MathChange) -> None:
+    _MATH.extend(changes)
+
+
+def math_changes(family: str, model: str) -> list[MathChange]:
+    _load_all()
+    return [c for c in _MATH if family in c.families and c.applies(model)]
 
 
 def for_family(family: str) -> list[Migration]:

@@ -7,7 +7,7 @@ feed the distillation token to `head_dist`. Weights cannot make one compute the 
 and files written by either side of that bug have the same keys."""
 import re
 
-from . import Migration, register, rename
+from . import MathChange, Migration, register, register_math_change, rename
 
 
 def _is_old(keys):
@@ -28,3 +28,5 @@ def _downgrade(state):
 
 
 register(Migration(("pit",), "pool-at-stage-start", _is_old, _upgrade, _downgrade))
+register_math_change(MathChange(("pit",), lambda name: "distilled" in name, "0.9.2", "1.0.20",
+                                 "its head_dist reads the class token in timm 0.9.2 to 1.0.20"))
