@@ -38,7 +38,7 @@ class Migration:
 
 @dataclass(frozen=True)
 class MathChange:
-    """Releases in which some models compute differently with the very same keys.
+    """Releases in which some models compute differently, whatever their keys say.
 
     No weights can carry a file across such a change, so the planner refuses to."""
 

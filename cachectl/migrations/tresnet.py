@@ -1,12 +1,12 @@
-"""TResNet: up to 0.6.13 each conv was followed by an InplaceABN (`conv1.0` conv,
+"""TResNet: timm 0.4.12 to 0.6.13 follow each conv by an InplaceABN (`conv1.0` conv,
 `conv1.1` norm; `conv1.0.0` / `conv1.0.1` where a blur pool follows a strided conv,
 `downsample.N.0` / `.1` in the shortcut); timm 0.9 made them ConvNormAct modules
 (`conv`, `bn`, `aa`) with plain batch norm, which also saves `num_batches_tracked`.
 
-InplaceABN scales by |weight| + eps where batch norm scales by weight, so the values
-change too. Upward that is timm's own filter (|w| + eps); downward a batch-norm
-weight below eps has no InplaceABN weight of its own, so its sign moves into the conv
-and its size into the running variance.
+InplaceABN scales by |weight| + eps where batch norm scales by weight, so values change
+too. Upward that is what timm's own filter does (|w| + eps); downward a batch-norm
+weight that is negative or below eps has no InplaceABN weight of its own, so its sign
+moves into the conv and running mean and its size into the running variance.
 """
 import re
 
