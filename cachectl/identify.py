@@ -70,10 +70,10 @@ def _group(entries: list[ModelEntry], confidence: str, score: float, num_classes
 
 def _classifier_classes(layout: Layout, classifier: tuple[str, ...]) -> int | None:
     """num_classes as the checkpoint's own classifier says: 0 when it has none."""
-    heads = [(k, s) for k, s in layout.tensors if is_under(k, classifier) and k.endswith("weight")]
     if not classifier:
         return None
-    return heads[0][1].shape[0] if heads else 0
+    heads = [s for k, s in layout.tensors if is_under(k, classifier) and k.endswith("weight")]
+    return heads[0].shape[0] if heads else 0
 
 
 def _exact(layout: Layout, catalog: Catalog) -> list[Candidate]:
@@ -137,7 +137,8 @@ def _rank(candidates: list[Candidate], ckpt: Checkpoint) -> tuple[list[Candidate
         named = hint_base is not None and c.architecture == hint_base
         in_stem = c.architecture in stem or (ckpt.hints.repo_id or "").endswith("/" + c.architecture)
         overlap = len(_tokens(c.architecture) & stem_tokens) / max(1, len(_tokens(c.architecture)))
-        return (-c.score, not named, not in_stem, -overlap, -len(c.timm_versions), -version_key(c.timm_versions[-1])[0], c.architecture)
+        newest = tuple(-x for x in version_key(c.timm_versions[-1]))
+        return (-c.score, not named, not in_stem, -overlap, -len(c.timm_versions), newest, c.architecture)
 
     ranked = sorted(candidates, key=key)
     if len(ranked) == 1 or ranked[0].score > ranked[1].score:
