@@ -190,11 +190,14 @@ def deprecated_models():
 
 def resolve_name(name):
     """The name this timm knows `name` by: itself, or its deprecation's target; else None."""
+    renamed = deprecated_models()
+    if name in renamed:  # is_model also answers yes for deprecated names
+        return renamed[name]
     base = name.split(".")[0]
     if timm.is_model(base):
         # releases before 0.9 know no pretrained tags
         return name if "." in name and _has_tags() else base
-    return deprecated_models().get(name)
+    return None
 
 
 def _has_tags():

@@ -246,7 +246,13 @@ def prepare(
     extra = migrations.kwargs_for(spec.family, ckpt.tensors, spec.layout.keys)
     if extra:
         choice = ModelChoice(choice.name, {**choice.kwargs, **extra})
-        spec = target.describe(choice.name, choice.kwargs)
+        try:
+            spec = target.describe(choice.name, choice.kwargs)
+        except TargetError as exc:
+            raise NoPlanError(
+                ckpt.path, "timm %s cannot build %s with %s (%s)" % (target.info().timm, choice.name, _json(extra), exc.problem),
+                "Convert it for a timm release that builds this variant.",
+            )
     _refuse_math_changes(ckpt, tag, spec, target.info().timm)
     attempt = plan(ckpt, spec, target)
     return Prepared(ckpt, tag, choice, spec.layout.layout_id, target.info().timm, attempt)

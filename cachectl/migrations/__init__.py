@@ -24,9 +24,10 @@ class Migration:
     # timm's module names for the family, all of them when it moved (poolformer -> metaformer)
     families: tuple[str, ...]
     name: str  # what changed, e.g. "downsample-at-stage-start"
-    is_old: Callable[[frozenset[str]], bool]  # keys in the older layout?
-    upgrade: Callable[[State], State]
-    downgrade: Callable[[State], State]
+    # keys in the older layout? None for a migration that only asks for kwargs
+    is_old: Callable[[frozenset[str]], bool] | None = None
+    upgrade: Callable[[State], State] | None = None
+    downgrade: Callable[[State], State] | None = None
     # kwargs the target model needs for this source, where an architecture default
     # changed between releases: (source keys, target keys) -> {arg: value}
     kwargs: Callable[[frozenset[str], frozenset[str]], dict] | None = None
@@ -76,6 +77,8 @@ def applicable(family: str, source_keys: Iterable[str], target_keys: Iterable[st
     src, dst = frozenset(source_keys), frozenset(target_keys)
     out = []
     for m in for_family(family):
+        if m.is_old is None:
+            continue
         old_src, old_dst = m.is_old(src), m.is_old(dst)
         if old_src and not old_dst:
             out.append((m, "upgrade"))
