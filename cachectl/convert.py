@@ -180,7 +180,10 @@ def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str,
 
 def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str) -> None:
     """NoPlanError when every release that makes this layout computes differently from the target."""
-    for change in migrations.math_changes(spec.family, spec.name.split(".")[0]):
+    # asked by either name: the target may know the model by a newer one
+    names = {spec.name.split(".")[0], tag.best.architecture}
+    changes = {c for n in names for c in migrations.math_changes(spec.family, n)}
+    for change in sorted(changes, key=lambda c: c.first):
         span = (version_key(change.first), version_key(change.last))
         sides = {span[0] <= version_key(v) <= span[1] for v in tag.best.timm_versions}
         if len(sides) == 1 and (span[0] <= version_key(target_timm) <= span[1]) not in sides:

@@ -11,19 +11,10 @@ def _is_legacy(keys):
     return "blocks.0.proj.bias" in keys
 
 
-def _never(keys):
-    # the keys are the same once the target is built with the file's projection
-    return False
-
-
-def _same(state):
-    return dict(state)
-
-
 def _kwargs(source, target):
     if _is_legacy(source) and not _is_legacy(target):
         return {"legacy": True}
     return {}
 
 
-register(Migration(("tnt",), "legacy-projection", _never, _same, _same, _kwargs))
+register(Migration(("tnt",), "legacy-projection", kwargs=_kwargs))
