@@ -11,21 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import platformdirs
-
 from .catalog import Catalog
 from .convert import prepare, sha256_file, strict_check, write_prepared
 from .errors import CachectlError
 from .identify import identify
+from .paths import default_root
 from .reader import Checkpoint, read
 from .store import CONVERTED_SUFFIX, Converted, Environment, Link, Source, Store, Version
 from .target import Target
 
 DEFAULT_ENV = "default"
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("CACHECTL_ROOT") or platformdirs.user_data_dir("cachectl"))
 
 
 def name_from_path(path: Path) -> str:

@@ -511,5 +511,77 @@ def env_refresh(ctx: click.Context, name: str) -> None:
         click.echo("%s: timm %s -> %s, converted what it needs" % (name, old.timm, new.timm))
 
 
+# -- the daemon --------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": True}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def daemon(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Run the daemon in the foreground: the same as cachectld (cachectl daemon --help)."""
+    from cachectld.main import main as cachectld
+
+    root = ctx.find_root().obj
+    cachectld.main(args=(["--root", str(root)] if root else []) + list(args), prog_name="cachectl daemon")
+
+
+@main.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Is a daemon running on this cache: what it watches, its queue, what it did, what failed.
+
+    Exits 0 when a daemon is running, 3 when none is (as systemctl status does). Failed
+    files are retried when they change: copy them again, or touch them.
+
+    \b
+    Examples:
+      cachectl status
+      cachectl status --json | jq '.daemon.failures[] | .path'
+    """
+    import time
+
+    from rich.markup import escape
+
+    from cachectld.status import read_status
+
+    try:
+        with _cache(ctx) as cache:
+            st = read_status(cache.store.root)
+            failed = [r for r in cache.rows() if r.state == "failed"]
+    except CachectlError as exc:
+        raise _fail(exc)
+    running = st is not None and st.running()
+    if as_json:
+        _emit_json({"running": running, "daemon": st.to_json() if st else None,
+                    "failed_entries": [r.to_json() for r in failed]})
+        sys.exit(0 if running else 3)
+    console = _console()
+    if st is None:
+        console.print("no daemon has run on this cache: start one with cachectld (or systemctl start cachectld)")
+    else:
+        if running:
+            console.print("cachectld: running, up %s, pid %d on %s (status written %s ago, last full scan %s)" % (
+                _age(time.time() - st.uptime), st.pid, st.host, _age(st.updated),
+                "%s ago" % _age(st.scanned) if st.scanned else "not yet"))
+        else:
+            console.print("cachectld: [red]not running[/red] (%s %s ago; it was pid %d on %s)" % (
+                "stopped" if st.stopped else "last seen", _age(st.stopped or st.updated), st.pid, st.host))
+        for w in st.watch:
+            console.print("  watching %s (%s)" % (escape(str(w.path)), "polling, %s" % w.why if w.polling else w.why))
+        console.print("  %d worker%s; %d queued, %d waiting for writers, %d converting" % (
+            len(st.workers), "" if len(st.workers) == 1 else "s", st.queued, st.waiting, len(st.in_flight)))
+        for w in st.in_flight:
+            console.print("  converting %s (%s, worker %d)" % (escape(w.path), _age(w.since), w.pid))
+        for r in st.recent[-10:]:
+            what = ("stored as %s" % r.version if r.new_version else "already stored as %s" % r.version) if r.ok else "[red]failed[/red]"
+            console.print("  %s ago  %s: %s" % (_age(r.finished), escape(r.path), what))
+        for r in st.failures:
+            console.print("[red]failed[/red] %s: %s" % (escape(r.path), escape(r.error or "")))
+    for r in failed:
+        console.print("[red]%s[/red] (from the store): %s" % (escape(r.ref), escape(r.error or "")))
+    sys.exit(0 if running else 3)
+
+
 if __name__ == "__main__":
     sys.exit(main())

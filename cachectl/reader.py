@@ -21,8 +21,8 @@ import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
 from .layout import Layout, TensorSpec
+from .paths import SNAPSHOT_WEIGHTS
 
-SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 # Containers people wrap weights in, in the order timm's own load_checkpoint prefers them.
 CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
 EMA_CONTAINERS = ("state_dict_ema", "model_ema")
@@ -318,7 +318,7 @@ def _merge_hints(hints: Hints, extras: dict, metadata: Mapping[str, str]) -> Hin
 
 def _read_snapshot(folder: Path, ema: bool) -> Checkpoint:
     """An HF snapshot folder: config.json beside model.safetensors or pytorch_model.bin."""
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+    for name in SNAPSHOT_WEIGHTS:
         if (folder / name).is_file():
             weights = folder / name
             break
