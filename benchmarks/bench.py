@@ -9,7 +9,7 @@ beside its target:
      safetensors save_file)
   3. peak RSS of a conversion / largest tensor, and / file size
   4. inspect time per file size (header only: flat)
-  5. daemon throughput, when the daemon is installed (see benchmarks/daemon.py)
+  5. daemon throughput: 200 small checkpoints at once, 1 and 2 workers (benchmarks/daemon.py)
   6. `cachectl list` and a prune plan on a store of 10,000 entries
 Conversions run as `cachectl convert` subprocesses, as a user runs them; each time
 includes the interpreter start, which the by-hand baseline pays as well.
@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         inconv = bench_convert_in_process(models, Path(tmp))
     inproc = bench_inspect_in_process(models)
     built, listed, planned = bench_store()
+    from benchmarks.daemon import run as bench_daemon
+
+    daemon = bench_daemon()
 
     print("\n## 1-2. conversion time against cp and against the by-hand path")
     print("| model | input | size | cp s | convert s | by hand s | convert/cp (target <= 1.3) | convert/by hand (target <= 0.3) |")
@@ -250,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for (model, label, suffix, size, largest, cp, conv, hand, insp), (_, _, _, secs) in zip(rows, inproc):
         print("| %s | %s | %s | %.2f | %.1f |" % (model, suffix, _mb(size), insp.seconds, secs * 1000))
+    print("\n## 5. the daemon (200 mobilenetv3_small_050 checkpoints, 6 MB each, renamed in at once)")
+    print("| measure | value |")
+    print("|---|---|")
+    print("| files per second, 1 worker | %.1f |" % daemon["files_per_s_1_workers"])
+    print("| files per second, 2 workers | %.1f |" % daemon["files_per_s_2_workers"])
+    print("| 2 workers / 1 worker | %.2f |" % (daemon["files_per_s_2_workers"] / daemon["files_per_s_1_workers"]))
+    print("| close to ready, idle daemon (median of 5) | %.0f ms |" % (daemon["close_to_ready_s"] * 1000))
     print("\n## 6. a store of 10,000 entries")
     print("| step | seconds |")
     print("|---|---|")
