@@ -103,5 +103,28 @@ def run(n: int = 200) -> dict:
     return results
 
 
+def close_to_ready(big: Path) -> float:
+    """Seconds from a large file's arrival (renamed in) to its converted entry, daemon idle."""
+    with tempfile.TemporaryDirectory(dir=Path.cwd() / ".cache") as tmp:
+        tmp = Path(tmp)
+        root, inbox = tmp / "root", tmp / "inbox"
+        inbox.mkdir()
+        warm = _checkpoints(tmp, 1)[0]
+        proc = _start(root, inbox, 1)
+        store = Store(root)
+        try:
+            os.link(warm, inbox / ".warm.tmp")
+            os.rename(inbox / ".warm.tmp", inbox / "warm.pth")
+            _wait(store, 1)
+            os.link(big, inbox / ".big.tmp")
+            start = time.perf_counter()
+            os.rename(inbox / ".big.tmp", inbox / big.name)
+            _wait(store, 2)
+            return time.perf_counter() - start
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+
 if __name__ == "__main__":
     print(run())

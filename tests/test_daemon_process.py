@@ -264,6 +264,13 @@ def test_every_way_of_copying_in_is_converted_once(start, make, tmp_path):
     assert "running, up " in out and "corrupt.pth: " in out and "damaged or truncated" in out
 
     # a rescan takes nothing again: not what is stored, not what failed unchanged
+    def idle():
+        st = d.status()
+        return st["queued"] == 0 and st["waiting"] == 0 and not st["in_flight"]
+
+    wait_for(idle, "the daemon to finish what it was given", d)
+    time.sleep(3)  # longer than quiet_seconds: a late second take of a copy shows by now
+    wait_for(idle, "the daemon to finish what it was given", d)
     before = files_in(inbox)
     results = d.status()["recent"]
     after = time.time()

@@ -217,10 +217,10 @@ import sys, time
 from cachectl import safetensors_io
 from cachectl.cache import Cache
 real = safetensors_io.write
-def slow(path, tensors, metadata):
+def slow(*args, **kwargs):
     print("writing", flush=True)
     time.sleep(60)
-    return real(path, tensors, metadata)
+    return real(*args, **kwargs)
 import cachectl.convert
 cachectl.convert.write = slow
 with Cache(sys.argv[1]) as cache:
