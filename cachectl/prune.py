@@ -96,13 +96,22 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
         vs.sort(key=lambda v: v.version)
     newest = {name: vs[-1].version for name, vs in by_name.items()}
 
+    envs = [p.stem for p in store.envs.glob("*.json")]
+    name_locked: dict[str, bool] = {}
+
+    def being_written(v: Version) -> bool:
+        if v.name not in name_locked:
+            name_locked[v.name] = store.is_locked("name:" + v.name)
+        # a conversion in flight has not written its link yet: only those can be busy
+        return name_locked[v.name] or any(
+            store.is_locked("convert:%s:%s" % (v.source, env)) for env in envs if env not in envs_of[v.source])
+
     def protection(v: Version) -> str | None:
         if (v.name, v.version) in pinned:
             return "pinned"
         if newest[v.name] == v.version:
             return "newest version of %s" % v.name
-        if store.is_locked("name:" + v.name) or any(
-                store.is_locked("convert:%s:%s" % (v.source, env)) for env in envs_of[v.source]):
+        if being_written(v):
             return "being written"
         return None
 
