@@ -9,16 +9,18 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .catalog import Catalog
-from .convert import prepare, sha256_file, strict_check, write_prepared
 from .errors import CachectlError
-from .identify import identify
 from .paths import default_root
-from .reader import Checkpoint, read
-from .store import CONVERTED_SUFFIX, Converted, Environment, Link, Source, Store, Version
-from .target import Target
+from .store import CONVERTED_SUFFIX, Converted, Environment, Link, Source, Store, Version, sha256_file
+
+# torch loads with these, so only the commands that convert or read weights import them:
+# listing, pinning and pruning stay quick
+if TYPE_CHECKING:
+    from .catalog import Catalog
+    from .reader import Checkpoint
+    from .target import Target
 
 DEFAULT_ENV = "default"
 
@@ -100,11 +102,15 @@ class Cache:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
+            from .catalog import Catalog
+
             self._catalog = Catalog.load()
         return self._catalog
 
     def target(self, env: Environment) -> Target:
         if env.name not in self._targets:
+            from .target import Target
+
             self._targets[env.name] = Target(env.python)
         return self._targets[env.name]
 
@@ -127,6 +133,8 @@ class Cache:
 
     def _probe(self, name: str, python: str | None) -> Environment:
         # a fresh agent: a running one keeps the timm it imported before an upgrade
+        from .target import Target
+
         if name in self._targets:
             self._targets.pop(name).close()
         target = self._targets[name] = Target(python)
@@ -179,6 +187,8 @@ class Cache:
     def add(self, path: str | os.PathLike, name: str | None = None,
             progress: Callable[[str], None] | None = None) -> AddResult:
         """Ingest `path` as a new version of `name` and convert it for every environment."""
+        from .reader import read
+
         path = Path(path)
         name = name or name_from_path(path)
         ckpt = read(path)  # unreadable files are refused before anything is stored
@@ -196,6 +206,8 @@ class Cache:
         return AddResult(version, source, is_new, tuple(links))
 
     def _identify(self, ckpt: Checkpoint, sha: str, size: int) -> Source:
+        from .identify import identify
+
         base = dict(sha256=sha, size=size, origin=str(ckpt.path.absolute()), added=time.time(), format=ckpt.format)
         try:
             tag = identify(ckpt, self.catalog)
@@ -235,6 +247,9 @@ class Cache:
         return c is not None and self.store.converted_path(c).exists()
 
     def _convert(self, source: Source, env: Environment, ckpt: Checkpoint | None) -> Link:
+        from .convert import prepare, write_prepared
+        from .reader import read
+
         try:
             if ckpt is None:
                 ckpt = dataclasses.replace(read(self.store.blob_path(source.sha256)), path=Path(source.origin))
@@ -364,6 +379,9 @@ class Cache:
     def verify(self, refs: list[str] | None = None,
                progress: Callable[[str], None] | None = None) -> list[str]:
         """Problems found: damaged blobs, and converted files that no longer load strictly."""
+        from .convert import strict_check
+        from .reader import read
+
         problems = []
         versions = [self.find_version(r) for r in refs] if refs else self.store.all_versions()
         shas = {v.source for v in versions}

@@ -9,7 +9,6 @@ buffers it does save from a fresh target model.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from .identify import Tag, identify
 from .layout import Layout
 from .reader import Checkpoint, read
 from .safetensors_io import write
+from .store import sha256_file
 from .target import ModelSpec, Target
 
 # Buffers a fresh model cannot supply: they are learned (batch-norm statistics).
@@ -79,14 +79,6 @@ class _Attempt:
     steps: tuple[str, ...]
     state: dict[str, torch.Tensor] = field(repr=False)
     mismatch: Mismatch
-
-
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def strict_check(state: Mapping[str, torch.Tensor], layout: Layout) -> Mismatch:

@@ -101,6 +101,14 @@ class Environment:
     probed: float
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _to_json(value) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}
 
@@ -212,11 +220,7 @@ class Store:
 
     def publish_blob(self, tmp: Path, suffix: str = "") -> tuple[str, int]:
         """Move a finished temporary file into the blobs under its hash."""
-        h = hashlib.sha256()
-        with open(tmp, "rb") as f:
-            while block := f.read(CHUNK):
-                h.update(block)
-        digest = h.hexdigest()
+        digest = sha256_file(tmp)
         final = self.blob_path(digest, suffix)
         final.parent.mkdir(parents=True, exist_ok=True)
         size = tmp.stat().st_size
