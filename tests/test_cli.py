@@ -113,3 +113,9 @@ def test_target_interpreter_without_timm_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["convert", str(made.path), "--python", str(tmp_path / "nope" / "python")])
     assert result.exit_code == 1
     assert "cannot run this interpreter" in result.output
+
+
+def test_shell_completion_offers_commands():
+    env = {"_CACHECTL_COMPLETE": "bash_complete", "COMP_WORDS": "cachectl pr", "COMP_CWORD": "1"}
+    result = CliRunner().invoke(main, [], env=env, prog_name="cachectl")
+    assert result.output.split() == ["plain,prune"]
