@@ -200,6 +200,26 @@ def resolve_name(name):
     return None
 
 
+def pretrained_cfg(name):
+    """The pretrained config this timm uses for `name` (tag included from 0.9 on), as JSON.
+
+    What a hub view's config.json is made of, so the environment's own timm reads back
+    exactly what it would have written itself."""
+    if _has_tags():
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+        cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else cfg
+    else:
+        from timm.models import registry
+
+        table = getattr(registry, "_model_pretrained_cfgs", None) or getattr(registry, "_model_default_cfgs", {})
+        cfg = table.get(name)
+    if cfg is None:
+        return None
+    return json.loads(json.dumps(cfg, default=lambda v: list(v) if isinstance(v, (tuple, set)) else str(v)))
+
+
 def _has_tags():
     try:
         from timm.models import _registry  # noqa: F401  (0.9+: names may carry a tag)
@@ -215,6 +235,7 @@ OPS = {
     "buffers": buffers,
     "apply_filter": apply_filter,
     "deprecated_models": deprecated_models,
+    "pretrained_cfg": pretrained_cfg,
 }
 
 

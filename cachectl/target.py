@@ -63,6 +63,7 @@ class Target:
         self._agent = None
         self._info: TargetInfo | None = None
         self._specs: dict[str, ModelSpec] = {}  # a daemon converts many files of one model
+        self._cfgs: dict[str, dict | None] = {}
 
     def __enter__(self) -> "Target":
         return self
@@ -141,6 +142,13 @@ class Target:
             num_classes=raw["num_classes"], default_num_classes=raw["default_num_classes"],
             family=raw["family"],
         )
+
+    def pretrained_cfg(self, name: str) -> dict | None:
+        """This timm's pretrained config for `name` (None: it has none), as JSON."""
+        key = "pretrained_cfg:" + name
+        if key not in self._cfgs:
+            self._cfgs[key] = self._call("pretrained_cfg", name=name)
+        return self._cfgs[key]
 
     def buffer_values(self, spec: ModelSpec, keys: list[str]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
