@@ -16,7 +16,11 @@ from .errors import CachectlError
 from .layout import Layout
 
 FORMAT_VERSION = 1
+FINGERPRINTS_VERSION = 1
 CATALOG_DIR = Path(__file__).resolve().parent / "data" / "catalog"
+# Fingerprints are taken with one torch for every release: outputs of unchanged code agree
+# to float32 round-off, a change of math moves them by far more.
+FINGERPRINT_RTOL = 1e-4
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -47,12 +51,51 @@ class PretrainedTag:
     num_classes: int | None
 
 
+@dataclass(frozen=True)
+class Fingerprint:
+    """What one model of one release computes from deterministic weights on a fixed input.
+
+    Made by cachectl/_fingerprint.py when the catalog is built; compare with same_math()."""
+
+    release: str
+    name: str
+    method: int  # fingerprints of different methods are not compared
+    weights: str  # id of the generated (key, shape) entries: only equal ids are comparable
+    input: tuple[int, ...]  # the input's size (C, H, W): only equal sizes are comparable
+    shape: tuple[int, ...]
+    total: float  # sum of the output
+    abs_total: float  # sum of its absolute values
+    values: tuple[float, ...]  # evenly spaced samples of the flattened output
+
+
+def same_math(a: Fingerprint | None, b: Fingerprint | None, rtol: float = FINGERPRINT_RTOL) -> bool | None:
+    """True: a and b compute the same; False: they differ; None: unknown (a side has no
+    fingerprint, their state dicts differ so the same weights cannot be given to both, or
+    they were run on inputs of different sizes)."""
+    if a is None or b is None or (a.method, a.weights, a.input) != (b.method, b.weights, b.input):
+        return None
+    if a.shape != b.shape or len(a.values) != len(b.values):
+        return False
+    n = 1
+    for s in a.shape:
+        n *= s
+    scale = max(a.abs_total, b.abs_total)
+    mean = scale / max(n, 1)
+    if abs(a.abs_total - b.abs_total) > rtol * scale or abs(a.total - b.total) > rtol * scale + 1e-6:
+        return False
+    return all(abs(x - y) <= rtol * max(mean, abs(x), abs(y)) + 1e-6 for x, y in zip(a.values, b.values))
+
+
 def index_path() -> Path:
     return CATALOG_DIR / ("index-v%d.json.gz" % FORMAT_VERSION)
 
 
 def layouts_path() -> Path:
     return CATALOG_DIR / ("layouts-v%d.json.gz" % FORMAT_VERSION)
+
+
+def fingerprints_path() -> Path:
+    return CATALOG_DIR / ("fingerprints-v%d.json.gz" % FINGERPRINTS_VERSION)
 
 
 class Catalog:
@@ -84,6 +127,36 @@ class Catalog:
     def tags(self, release: str, name: str) -> list[PretrainedTag]:
         raw = self._data["releases"][release]["tags"].get(name, {})
         return [PretrainedTag(t, *v) for t, v in raw.items()]
+
+    @property
+    def fingerprinted_releases(self) -> tuple[str, ...]:
+        return tuple(r for r in self.releases if r in self._fingerprints())
+
+    def fingerprint(self, release: str, name: str) -> Fingerprint | None:
+        """The fingerprint of model `name` (a pretrained tag is ignored) in `release`, if taken."""
+        base = name.split(".")[0]
+        rel = self._fingerprints().get(release)
+        row = rel["models"].get(base) if rel else None
+        if row is None:
+            return None
+        weights, size, shape, total, abs_total, values = row
+        return Fingerprint(release, base, rel.get("method"), weights, tuple(size), tuple(shape), total, abs_total,
+                           tuple(values))
+
+    def why_no_fingerprint(self, release: str, name: str) -> str | None:
+        """Why `name` has no fingerprint in `release` (None when it has one)."""
+        base = name.split(".")[0]
+        rel = self._fingerprints().get(release)
+        if rel is None:
+            return "timm %s is not fingerprinted in this catalog" % release
+        if base in rel["models"]:
+            return None
+        for kind in ("skipped", "failed"):
+            if base in rel[kind]:
+                return "%s of timm %s was not fingerprinted (%s)" % (base, release, rel[kind][base])
+        if not rel.get("complete", True) and base in self.models(release):
+            return "the catalog's fingerprints of timm %s do not reach %s yet" % (release, base)
+        return "timm %s has no model %s" % (release, base)
 
     def by_layout(self, lid: str) -> list[ModelEntry]:
         return self._index()[0].get(lid, [])
@@ -125,6 +198,21 @@ class Catalog:
             self.path.name.replace("index-", "layouts-"))
         with gzip.open(path, "rt") as f:
             return json.load(f)
+
+    @functools.lru_cache(maxsize=None)
+    def _fingerprints(self) -> dict:
+        path = fingerprints_path() if self.path == index_path() else self.path.with_name(
+            "fingerprints-v%d.json.gz" % FINGERPRINTS_VERSION)
+        try:
+            with gzip.open(path, "rt") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}  # a catalog without fingerprints: every comparison is unknown
+        except (OSError, ValueError) as exc:
+            raise CachectlError(path, "the catalog's fingerprints are damaged (%s)" % exc, "Reinstall cachectl.")
+        if data.get("format") != "cachectl-fingerprints" or data.get("version") != FINGERPRINTS_VERSION:
+            return {}  # another format: unknown, never misread
+        return data["releases"]
 
     @functools.lru_cache(maxsize=None)
     def layout_key_sets(self) -> list[tuple[int, frozenset]]:

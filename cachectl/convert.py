@@ -17,7 +17,8 @@ from typing import Callable, Mapping
 import torch
 
 from . import __version__, migrations
-from .catalog import Catalog, version_key
+from .catalog import Catalog, Fingerprint, version_key
+from .catalog import same_math as fingerprints_agree
 from .errors import NoPlanError, TargetError
 from .identify import Tag, identify
 from .layout import Layout
@@ -170,8 +171,15 @@ def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str,
     return plans
 
 
-def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str) -> None:
-    """NoPlanError when every release that makes this layout computes differently from the target."""
+def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str,
+                         catalog: Catalog | None = None) -> str:
+    """NoPlanError when the file may compute differently in the target; else the step that
+    says how its math is known ("math: ...").
+
+    The catalog's fingerprints decide where the producing releases and the target all have
+    one; the hand-written tables in cachectl/migrations stay in force everywhere (the test
+    suite proves the fingerprints confirm them), and are all there is where a side has no
+    fingerprint: then the answer says "math: unverified" and why."""
     # asked by either name: the target may know the model by a newer one
     names = {spec.name.split(".")[0], tag.best.architecture}
     changes = {c for n in names for c in migrations.math_changes(spec.family, n)}
@@ -184,6 +192,87 @@ def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_tim
                     spec.name, target_timm, ", ".join(tag.best.timm_versions), change.reason),
                 "Convert it for a timm release on the same side (%s to %s, or outside it)." % (change.first, change.last),
             )
+    if catalog is None:
+        return "math: unverified (no catalog)"
+    return _math_by_fingerprints(ckpt, tag, spec, target_timm, catalog)
+
+
+def _math_by_fingerprints(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str, catalog: Catalog) -> str:
+    """Compare the fingerprint of the target model with those of every release that makes
+    this file's layout. The file could come from any of them, so the target must compute
+    like all of them: one that differs is a refusal, even when others agree."""
+    target_name = spec.name.split(".")[0]
+    extra = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+    if extra:
+        return "math: unverified (%s is built with %s; fingerprints are of models built by default)" % (
+            target_name, _json(extra))
+    target_fp = catalog.fingerprint(target_timm, target_name)
+    if target_fp is None:
+        return "math: unverified (%s)" % catalog.why_no_fingerprint(target_timm, target_name)
+    arch = tag.best.architecture
+    source: dict[str, Fingerprint] = {}
+    unverified: list[str] = []
+    for release in tag.best.timm_versions:
+        name = _name_in_release(catalog, release, arch) or arch
+        fp = catalog.fingerprint(release, name)
+        if fp is None:
+            unverified.append(catalog.why_no_fingerprint(release, name))
+        elif fingerprints_agree(fp, target_fp) is None:
+            unverified.append("%s of timm %s holds other tensors than %s of timm %s" % (name, release, target_name, target_timm))
+        else:
+            source[release] = fp
+    differ = [r for r, fp in source.items() if not fingerprints_agree(fp, target_fp)]
+    if differ:
+        _refuse_by_fingerprints(ckpt, arch, target_name, target_timm, source, differ, catalog)
+    if not source:
+        return "math: unverified (%s)" % "; ".join(unverified)
+    verified = "math: %s of timm %s computes like %s of timm %s, which make this layout (fingerprints)" % (
+        target_name, target_timm, arch, ", ".join(source))
+    return verified + ("; unverified: %s" % "; ".join(unverified) if unverified else "")
+
+
+def _refuse_by_fingerprints(ckpt: Checkpoint, arch: str, target_name: str, target_timm: str,
+                            source: dict[str, Fingerprint], differ: list[str], catalog: Catalog) -> None:
+    # the producing releases, grouped by what they compute
+    groups: list[list[str]] = []
+    for release, fp in source.items():
+        for group in groups:
+            if fingerprints_agree(source[group[0]], fp):
+                group.append(release)
+                break
+        else:
+            groups.append([release])
+    if len(groups) == 1:
+        problem = "%s computes differently in timm %s than in timm %s, which made this file (math fingerprints differ)" % (
+            target_name, target_timm, ", ".join(source))
+    else:
+        problem = ("%s computes differently in timm %s than in timm %s; the releases that make this file's layout "
+                   "compute it in %d ways (%s) and nothing in the file says which one made it (math fingerprints)") % (
+            target_name, target_timm, ", ".join(differ), len(groups), " | ".join(", ".join(g) for g in groups))
+    advice = []
+    for group in groups:
+        fits = [r for r in catalog.fingerprinted_releases
+                if fingerprints_agree(catalog.fingerprint(r, _name_in_release(catalog, r, target_name) or target_name), source[group[0]])]
+        where = ("convert it for timm %s" % ", ".join(fits)) if fits else "no catalogued timm release computes it the same way"
+        advice.append(where if len(groups) == 1 else "if timm %s made it, %s" % (", ".join(group), where))
+    advice_text = "; ".join(advice)
+    raise NoPlanError(ckpt.path, problem, advice_text[0].upper() + advice_text[1:] + ".")
+
+
+def _name_in_release(catalog: Catalog, release: str, name: str) -> str | None:
+    """The name `release` knows the model `name` by, following its deprecation table both ways."""
+    base = name.split(".")[0]
+    models = catalog.models(release) if release in catalog.releases else {}
+    if base in models:
+        return base
+    newer = catalog.deprecated(release).get(base, "").split(".")[0] if release in catalog.releases else ""
+    if newer in models:
+        return newer
+    for other in catalog.releases:
+        for old, new in catalog.deprecated(other).items():
+            if new.split(".")[0] == base and old in models:
+                return old
+    return None
 
 
 def plan(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> _Attempt:
@@ -248,8 +337,9 @@ def prepare(
                 ckpt.path, "timm %s cannot build %s with %s (%s)" % (target.info().timm, choice.name, _json(extra), exc.problem),
                 "Convert it for a timm release that builds this variant.",
             )
-    _refuse_math_changes(ckpt, tag, spec, target.info().timm)
+    math = _refuse_math_changes(ckpt, tag, spec, target.info().timm, catalog)
     attempt = plan(ckpt, spec, target)
+    attempt = _Attempt(attempt.name, attempt.steps + (math,), attempt.state, attempt.mismatch)
     return Prepared(ckpt, tag, choice, spec.layout.layout_id, target.info().timm, attempt)
 
 

@@ -117,6 +117,11 @@ def write(rows: list[dict], releases: list[str]) -> Path:
         lines.append("| %s | %s | %s | %s | %s |" % (r["model"], r["src"], r["dst"], r["result"], r["detail"].replace("|", "/")))
     path = ROOT / "docs" / "compat-matrix.md"
     path.parent.mkdir(exist_ok=True)
+    # keep the section tools/fingerprint_report.py writes
+    from tools.fingerprint_report import END, START
+    old = path.read_text() if path.exists() else ""
+    if START in old and END in old:
+        lines += ["", START + old.split(START, 1)[1].split(END, 1)[0] + END]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -67,6 +67,12 @@ def math_changes(family: str, model: str) -> list[MathChange]:
     return [c for c in _MATH if family in c.families and c.applies(model)]
 
 
+def all_math_changes() -> list[MathChange]:
+    """Every hand-written math change (tests/test_fingerprints.py proves each on the catalog)."""
+    _load_all()
+    return list(_MATH)
+
+
 def for_family(family: str) -> list[Migration]:
     _load_all()
     return [m for m in _REGISTRY if family in m.families]

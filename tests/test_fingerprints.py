@@ -1,0 +1,186 @@
+"""Math fingerprints: what each catalogued (model, release) computes, and conversion refusing
+to carry a file between entries that compute differently (issue 9, part 1).
+
+The fingerprints are the shipped ones (cachectl/data/catalog/fingerprints-v1.json.gz, made by
+python -m tools.build_fingerprints); a test needing a release or model the shipped file does
+not have yet is skipped with the reason."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from cachectl import _fingerprint, migrations
+from cachectl.catalog import Catalog, Fingerprint, same_math, version_key
+from cachectl.convert import convert
+from cachectl.errors import NoPlanError
+from conftest import ATOL, INSTALLED, make_checkpoint, python_for, run_in
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return Catalog.load()
+
+
+def fp(catalog, release, name):
+    found = catalog.fingerprint(release, name)
+    if found is None:
+        pytest.skip(catalog.why_no_fingerprint(release, name))
+    return found
+
+
+def test_weights_are_a_function_of_key_and_shape():
+    a = _fingerprint.generated_tensor("blocks.0.attn.qkv.weight", (96, 32))
+    assert torch.equal(a, _fingerprint.generated_tensor("blocks.0.attn.qkv.weight", (96, 32)))
+    assert not torch.equal(a, _fingerprint.generated_tensor("blocks.1.attn.qkv.weight", (96, 32)))
+    assert a.std() == pytest.approx(32 ** -0.5, rel=0.2)  # scaled by fan-in
+    assert (_fingerprint.generated_tensor("bn1.running_var", (64,)) > 0).all()
+    assert _fingerprint.generated_tensor("norm.weight", (64,)).mean() == pytest.approx(1.0, abs=0.1)
+
+
+def test_integer_and_derived_buffers_are_kept_as_built():
+    keep = _fingerprint.is_generated
+    assert not keep("bn1.num_batches_tracked", torch.zeros((), dtype=torch.long), True)
+    assert not keep("layers.0.blocks.0.attn_mask", torch.zeros(4, 49, 49), True)
+    assert keep("bn1.running_mean", torch.zeros(4), True)
+    assert keep("head.weight", torch.zeros(4, 4), False)
+
+
+def _fp(**kw):
+    base = dict(release="r", name="m", method=1, weights="w", input=(3, 224, 224), shape=(1, 4),
+                total=1.0, abs_total=4.0, values=(1.0, -1.0, 1.5, -0.5))
+    return Fingerprint(**{**base, **kw})
+
+
+def test_same_math_is_a_tolerance_and_unknown_where_not_comparable():
+    assert same_math(_fp(), _fp(values=(1.0 + 1e-6, -1.0, 1.5, -0.5))) is True
+    assert same_math(_fp(), _fp(values=(1.01, -1.0, 1.5, -0.5))) is False
+    assert same_math(_fp(), _fp(total=1.1)) is False
+    assert same_math(_fp(), _fp(weights="other")) is None  # other tensors: no common weights
+    assert same_math(_fp(), _fp(input=(3, 256, 256))) is None
+    assert same_math(_fp(), None) is None
+
+
+def test_catalog_accessor(catalog):
+    got = fp(catalog, "0.9.16", "resnet50")
+    assert got.release == "0.9.16" and got.name == "resnet50" and got.shape == (1, 1000)
+    assert catalog.fingerprint("0.9.16", "resnet50.a1_in1k") == got  # a pretrained tag is ignored
+    assert "0.9.16" in catalog.fingerprinted_releases
+    assert catalog.why_no_fingerprint("0.9.16", "resnet50") is None
+    assert catalog.fingerprint("9.9.9", "resnet50") is None
+    assert "not fingerprinted" in catalog.why_no_fingerprint("9.9.9", "resnet50")
+    assert catalog.fingerprint("0.9.16", "no_such_model") is None
+
+
+def test_a_model_over_the_budget_says_so(catalog):
+    rel = catalog._fingerprints().get("0.9.16")
+    if not rel or not rel["skipped"]:
+        pytest.skip("timm 0.9.16 has no model over the budget in the shipped file")
+    name = sorted(rel["skipped"])[0]
+    assert catalog.fingerprint("0.9.16", name) is None
+    assert "budget" in catalog.why_no_fingerprint("0.9.16", name)
+
+
+def test_an_unchanged_model_computes_the_same_in_every_release(catalog):
+    # resnet50's code and layout are the same from 0.4.12 to 1.0.31
+    prints = [catalog.fingerprint(r, "resnet50") for r in catalog.fingerprinted_releases]
+    prints = [p for p in prints if p is not None]
+    if len(prints) < 2:
+        pytest.skip("fewer than two releases have a fingerprint of resnet50")
+    assert all(same_math(prints[0], p) for p in prints[1:]), [p.release for p in prints]
+
+
+def test_a_release_reproduces_its_catalogued_fingerprint(catalog):
+    shipped = fp(catalog, "0.9.16", "resnet18")
+    proc = subprocess.run([str(python_for("0.9.16")), _fingerprint.__file__, "resnet18"],
+                          capture_output=True, text=True, check=True, cwd="/")
+    got = json.loads(proc.stdout)["fingerprint"]
+    again = Fingerprint("0.9.16", "resnet18", got["method"], got["weights"], tuple(got["input"]), tuple(got["shape"]),
+                        got["sum"], got["abs"], tuple(got["values"]))
+    assert same_math(shipped, again) is True
+    assert again.weights == shipped.weights
+
+
+def test_look_alikes_that_pad_differently_differ(catalog):
+    a, b = fp(catalog, "1.0.31", "efficientnet_b0"), fp(catalog, "1.0.31", "tf_efficientnet_b0")
+    assert a.weights == b.weights  # the same keys and shapes ...
+    assert same_math(a, b) is False  # ... and other math
+
+
+def test_distilled_pit_changed_math_without_changing_tensors(catalog):
+    old, new = fp(catalog, "0.9.16", "pit_ti_distilled_224"), fp(catalog, "1.0.31", "pit_ti_distilled_224")
+    assert old.weights == new.weights
+    assert same_math(old, new) is False
+    assert same_math(fp(catalog, "0.9.16", "pit_ti_224"), fp(catalog, "1.0.31", "pit_ti_224")) is True
+
+
+def _boundary_pairs(catalog, change):
+    """(inside, outside) fingerprinted release pairs across a hand-written math change."""
+    span = (version_key(change.first), version_key(change.last))
+    inside = [r for r in catalog.fingerprinted_releases if span[0] <= version_key(r) <= span[1]]
+    outside = [r for r in catalog.fingerprinted_releases if r not in inside]
+    return [(a, b) for a in inside for b in outside]
+
+
+# Changes whose releases also differ in layout, so no common weights exist for both sides:
+# fingerprints cannot see them, the family's cross-version test proves them.
+LAYOUT_CHANGED_TOO = {
+    ("poolformer", "0.6.13"): "poolformer's keys moved into metaformer in 0.9 (test_family_metaformer)",
+    ("vovnet", "0.4.12"): "ese_vovnet39b_evos's EvoNorm keys changed in 0.5 (test_family_vovnet)",
+}
+
+
+@pytest.mark.parametrize("change", migrations.all_math_changes(), ids=lambda c: "%s-%s" % (c.families[0], c.last))
+def test_the_fingerprints_confirm_each_hand_written_math_change(catalog, change):
+    confirmed, contradicted, other_tensors = [], [], []
+    for inside, outside in _boundary_pairs(catalog, change):
+        for name, entry in catalog.models(inside).items():
+            if entry.family not in change.families or not change.applies(name) or name not in catalog.models(outside):
+                continue
+            verdict = same_math(catalog.fingerprint(inside, name), catalog.fingerprint(outside, name))
+            where = "%s %s/%s" % (name, inside, outside)
+            if verdict is False:
+                confirmed.append(where)
+            elif verdict is True:
+                contradicted.append(where)
+            elif catalog.fingerprint(inside, name) and catalog.fingerprint(outside, name):
+                other_tensors.append(where)
+    assert not contradicted, "fingerprints say these compute the same across %s-%s: %s" % (
+        change.first, change.last, contradicted)
+    if (change.families[0], change.last) in LAYOUT_CHANGED_TOO:
+        assert not confirmed or other_tensors == [], confirmed
+        return
+    if not confirmed:
+        pytest.skip("no release pair across %s-%s has fingerprints of an affected model yet (%d with other tensors)" % (
+            change.first, change.last, len(other_tensors)))
+
+
+def test_distilled_pit_saved_by_0_9_16_is_never_converted_different_for_1_0_31(targets, tmp_path, catalog):
+    fp(catalog, "0.9.16", "pit_ti_distilled_224")
+    fp(catalog, "1.0.31", "pit_ti_distilled_224")
+    made = make_checkpoint("0.9.16", "pit_ti_distilled_224")
+    try:
+        result = convert(made.path, tmp_path / "out.safetensors", targets(INSTALLED))
+    except NoPlanError as exc:
+        assert "pit_ti_distilled_224" in exc.problem and "0.9.16" in exc.problem and "1.0.31" in exc.problem
+        assert "fingerprints" in exc.problem
+        assert "convert it for timm" in exc.fix.lower()
+        return
+    got = run_in(INSTALLED, {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, result.output, tmp_path)
+    assert (got - made.logits).abs().max().item() <= ATOL
+
+
+def test_an_unchanged_model_converts_with_its_math_verified(roundtrip, catalog):
+    fp(catalog, "0.9.16", "resnet18")
+    fp(catalog, "1.0.31", "resnet18")
+    result, diff = roundtrip("resnet18", "0.9.16", INSTALLED)
+    assert diff <= ATOL
+    math = [s for s in result.steps if s.startswith("math:")]
+    assert math and "fingerprints" in math[0] and "0.9.16" in math[0], result.steps
+
+
+def test_a_migrated_conversion_says_its_math_is_unverified(roundtrip):
+    result, diff = roundtrip("pit_ti_224", "0.6.13", INSTALLED)
+    assert diff <= ATOL
+    math = [s for s in result.steps if s.startswith("math:")]
+    assert math and math[0].startswith("math: unverified"), result.steps

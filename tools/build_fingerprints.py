@@ -1,0 +1,178 @@
+"""Build the math fingerprints shipped beside the catalog (cachectl/data/catalog/fingerprints-v1.json.gz).
+
+    python -m tools.build_fingerprints                     # every catalogued release, 2 at a time
+    python -m tools.build_fingerprints 0.9.2 0.9.16 -j 1   # these releases
+    python -m tools.build_fingerprints --merge             # ship the dumps made so far
+
+Each release runs tools/fingerprint_dump.py at `nice -n 19` on one thread (resumable: a
+crash skips the model it happened in, and says so). Releases whose dump finished are
+merged into the shipped file as each finishes, beside the releases it already holds, so a
+long build can be committed release by release; `--first-only` fingerprints only the models
+the tests and the hand-written math-change tables name, and ships the release as partial. What a fingerprint is: cachectl/_fingerprint.py.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cachectl.catalog import CATALOG_DIR, FINGERPRINTS_VERSION, fingerprints_path, version_key
+from tools.timm_releases import CATALOG_RELEASES, ROOT, release_env
+
+DUMPS = ROOT / "build" / "fingerprints"
+DUMP = ROOT / "tools" / "fingerprint_dump.py"
+_write_lock = threading.Lock()
+
+
+# Models fingerprinted first in every release: those the issue's cases and the tests name.
+FIRST = ("resnet18", "resnet50", "efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_b0_ap",
+         "swinv2_tiny_window8_256", "swinv2_tiny_window16_256", "resnetv2_50x1_bitm", "resnetv2_50x1_bit",
+         "vit_base_patch16_224_in21k", "vit_base_patch16_224", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+         "levit_128s", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224")
+
+
+def first_names() -> list[str]:
+    """FIRST and every model a hand-written math change names, in any catalogued release."""
+    from cachectl import migrations
+    from cachectl.catalog import Catalog
+
+    catalog = Catalog.load()
+    names = set(FIRST)
+    for release in catalog.releases:
+        for name, entry in catalog.models(release).items():
+            if migrations.math_changes(entry.family, name):
+                names.add(name)
+    return sorted(names)
+
+
+def dump(version: str, first_only: bool = False) -> Path:
+    out = DUMPS / ("%s.jsonl" % version)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    first = DUMPS / "first.txt"
+    first.write_text("\n".join(first_names()) + "\n")
+    env = dict(release_env(version), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for attempt in range(50):
+        if _finished(out):
+            return out
+        print("fingerprinting timm %s (attempt %d)" % (version, attempt + 1), flush=True)
+        proc = subprocess.run(["nice", "-n", "19", sys.executable, str(DUMP), str(out), str(first)]
+                              + (["--first-only"] if first_only else []),
+                              env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if proc.returncode == 0:
+            return out
+    raise SystemExit("timm %s: the fingerprint dump keeps crashing; see %s" % (version, out))
+
+
+def _finished(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with open(path) as f:
+        return any('"__done__"' in line for line in f)
+
+
+def _g(x: float) -> float:
+    return float("%.9g" % x)
+
+
+def release_record(path: Path) -> dict:
+    """One release's entry of the shipped file, from its finished dump."""
+    models, skipped, failed, done = {}, {}, {}, {}
+    cpu = wall = 0.0
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["model"] == "__done__":
+                done = rec
+                continue
+            if rec.get("started"):
+                continue
+            cpu += rec.get("cpu", 0.0)
+            wall += rec.get("wall", 0.0)
+            name = rec["model"]
+            if "fingerprint" in rec:
+                fp = rec["fingerprint"]
+                models[name] = [fp["weights"], fp["input"], fp["shape"], _g(fp["sum"]), _g(fp["abs"]),
+                                [_g(v) for v in fp["values"]]]
+            elif "skipped" in rec:
+                skipped[name] = rec["skipped"]
+            else:
+                failed[name] = rec["error"]
+    return {
+        # an unfinished dump ships as it is: the models it has not reached have no fingerprint yet
+        "complete": bool(done), "timm": done.get("timm"), "torch": done.get("torch"), "method": done.get("method"),
+        "models": dict(sorted(models.items())), "skipped": dict(sorted(skipped.items())),
+        "failed": dict(sorted(failed.items())), "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
+    }
+
+
+def load_shipped() -> dict:
+    try:
+        with gzip.open(fingerprints_path(), "rt") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"format": "cachectl-fingerprints", "version": FINGERPRINTS_VERSION, "releases": {}}
+
+
+def merge_into_shipped() -> dict:
+    """Put every dump there is, finished or not, into the shipped file (atomically), beside
+    the releases it holds without a dump here; the new content."""
+    with _write_lock:
+        data = load_shipped()
+        for path in sorted(DUMPS.glob("*.jsonl")):
+            data["releases"][path.stem] = release_record(path)
+        data["releases"] = dict(sorted(data["releases"].items(), key=lambda kv: version_key(kv[0])))
+        CATALOG_DIR.mkdir(parents=True, exist_ok=True)
+        target = fingerprints_path()
+        tmp = target.with_name("." + target.name + ".tmp")
+        with gzip.open(tmp, "wt", compresslevel=9) as f:
+            json.dump(data, f, separators=(",", ":"))
+        tmp.replace(target)
+        return data
+
+
+def summary(version: str, rel: dict) -> str:
+    return "timm %s%s: %d fingerprinted, %d skipped (budget), %d failed; %.0f CPU s, %.0f s wall" % (
+        version, "" if rel["complete"] else " (partial)", len(rel["models"]), len(rel["skipped"]), len(rel["failed"]), rel["cpu_seconds"], rel["wall_seconds"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("versions", nargs="*", help="timm releases (default: every catalogued one)")
+    parser.add_argument("-j", "--jobs", type=int, default=2, help="releases fingerprinted at once (default 2)")
+    parser.add_argument("--merge", action="store_true", help="only merge the dumps there are into the shipped file")
+    parser.add_argument("--first-only", action="store_true",
+                        help="only the models the tests and the math-change tables name (a partial release)")
+    args = parser.parse_args(argv)
+    versions = args.versions or list(CATALOG_RELEASES)
+    started = time.time()
+    if args.merge:
+        data = merge_into_shipped()
+        for version, rel in data["releases"].items():
+            print(summary(version, rel))
+        print("wrote %s, %.2f MB" % (fingerprints_path(), os.path.getsize(fingerprints_path()) / 1e6))
+        return 0
+
+    def one(version: str) -> None:
+        t0 = time.time()
+        dump(version, args.first_only)
+        data = merge_into_shipped()
+        print("%s (this run %.0f s); wrote %s, %.2f MB" % (
+            summary(version, data["releases"][version]), time.time() - t0, fingerprints_path(),
+            os.path.getsize(fingerprints_path()) / 1e6), flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for f in [pool.submit(one, v) for v in versions]:
+            f.result()
+    print("done in %.0f s" % (time.time() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
