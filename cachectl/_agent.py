@@ -145,7 +145,7 @@ def buffers(name, kwargs, keys, out_path):
     return {"written": list(keys)}
 
 
-def apply_filter(name, kwargs, in_path, out_path):
+def apply_filter(name, kwargs, in_path, out_path, order=None):
     """Run the target timm's own pretrained-checkpoint filter for `name` on a file.
 
     The filter is whatever `build_model_with_cfg` would hand `load_pretrained`, captured
@@ -167,6 +167,8 @@ def apply_filter(name, kwargs, in_path, out_path):
     if filter_fn is None:
         return {"applied": False, "reason": "timm has no checkpoint filter for %s" % name}
     state = load_file(in_path)
+    if order:  # as a torch file hands it over: some filters zip keys with the model's, by position
+        state = dict([(k, state[k]) for k in order if k in state] + [(k, v) for k, v in state.items() if k not in order])
     try:
         out = filter_fn(state, model)
     except TypeError:
@@ -208,7 +210,10 @@ def pretrained_cfg(name):
     if _has_tags():
         from timm.models import get_pretrained_cfg
 
-        cfg = get_pretrained_cfg(name)
+        try:
+            cfg = get_pretrained_cfg(name)
+        except (RuntimeError, KeyError):  # a tag or model this release does not have
+            return None
         cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else cfg
     else:
         from timm.models import registry

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import CachectlError
 from .store import Store, Version
+from .views import linked_blobs
 
 # A blob no manifest names may be one whose manifest is about to be written.
 ORPHAN_GRACE = 3600
@@ -98,6 +99,10 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
 
     envs = [p.stem for p in store.envs.glob("*.json")]
     name_locked: dict[str, bool] = {}
+    # a view links converted files: what a view serves, or served moments ago, stays
+    in_views = linked_blobs(store)
+    viewed = {c.source for c in converted.values()
+              if store.converted_path(c).name in in_views or (c.torch_sha256 and store.torch_path(c).name in in_views)}
 
     def being_written(v: Version) -> bool:
         if v.name not in name_locked:
@@ -113,6 +118,8 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
             return "newest version of %s" % v.name
         if being_written(v):
             return "being written"
+        if v.source in viewed:
+            return "served by a view"
         return None
 
     def size_of(sha: str) -> int:
@@ -163,9 +170,12 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
         for c in converted_of[sha]:
             manifests.append(store.converted / ("%s.json" % c.id))
             blobs.append(store.converted_path(c))
+            if c.torch_sha256:
+                blobs.append(store.torch_path(c))
         manifests.append(store.sources / ("%s.json" % sha))
         blobs.append(store.blob_path(sha))
-    orphans = _orphan_blobs(store, set(sources) | {c.sha256 for c in converted.values()}, now)
+    named = set(sources) | {c.sha256 for c in converted.values()} | {c.torch_sha256 for c in converted.values()}
+    orphans = _orphan_blobs(store, named, now)
     leftovers = [p for p in store.leftovers() if not _writer_alive(p)]
     freed += sum(p.stat().st_size for p in orphans + leftovers)
     return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),

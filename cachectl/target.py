@@ -160,14 +160,19 @@ class Target:
         finally:
             out.unlink(missing_ok=True)
 
-    def apply_filter(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor] | None, str]:
-        """The target timm's own checkpoint filter applied to `tensors`, or None and why not."""
+    def apply_filter(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
+                     ordered: bool = False) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The target timm's own checkpoint filter applied to `tensors`, or None and why not.
+
+        `ordered`: hand them over in their own order, as torch.load would, rather than in
+        the sorted order safetensors gives."""
         from safetensors.torch import load_file, save_file
 
         src, dst = self._tmp / "filter-in.safetensors", self._tmp / "filter-out.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, src)
         try:
-            result = self._call("apply_filter", name=spec.name, kwargs=dict(spec.kwargs), in_path=str(src), out_path=str(dst))
+            result = self._call("apply_filter", name=spec.name, kwargs=dict(spec.kwargs), in_path=str(src), out_path=str(dst),
+                                **({"order": list(tensors)} if ordered else {}))
             if not result["applied"]:
                 return None, result["reason"]
             return load_file(dst), result["filter"]

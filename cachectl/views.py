@@ -106,12 +106,15 @@ def lookup_release(catalog: Catalog, timm: str) -> str:
 
 
 def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
-         cfg_of: Callable[[str], dict | None], blob_of: Callable[[Converted, bool], str]) -> ViewPlan:
+         cfg_of: Callable[[str], dict | None], blob_of: Callable[[Converted, bool], str],
+         check: Callable[[str, Converted, bool], str | None]) -> ViewPlan:
     """What the view of `env` (timm release `timm`) serves.
 
     `cfg_of(name)` asks the environment's timm for a pretrained config (None: it has none);
     `blob_of(c, torch_format)` names the blob of `c` to link, relative to the blobs folder;
-    a torch-format copy (made on demand) serves timm before 0.9 and URL-only configs. Published entries come first, then newer versions: the first
+    a torch-format copy (made on demand) serves timm before 0.9 and URL-only configs.
+    `check(name, c, torch_format)` says why the environment's own pretrained loader (its
+    checkpoint filter) would not load that file unchanged, or None when it would. Published entries come first, then newer versions: the first
     to claim a pretrained name serves it; the rest are listed as skipped, with why."""
     release = lookup_release(catalog, timm)
     hub_first = pretrained.hub_first(timm)
@@ -126,7 +129,7 @@ def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
             if name in served:
                 skipped.append(Skipped(name, entry.version, "%s serves it" % served[name].version))
                 continue
-            result = _serve(name, how, entry, timm, hub_first, cfg_of, blob_of)
+            result = _serve(name, how, entry, timm, hub_first, cfg_of, blob_of, check)
             if isinstance(result, Skipped):
                 skipped.append(result)
             else:
@@ -135,7 +138,8 @@ def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
 
 
 def _serve(name: str, how: str, entry: Entry, timm: str, hub_first: bool,
-           cfg_of: Callable[[str], dict | None], blob_of: Callable[[Converted, bool], str]) -> Served | Skipped:
+           cfg_of: Callable[[str], dict | None], blob_of: Callable[[Converted, bool], str],
+           check: Callable[[str, Converted, bool], str | None]) -> Served | Skipped:
     c = entry.converted
     model, _, tag = name.partition(".")
     if "/" in name:  # a hub repo id given to publish: the architecture is the converted model
@@ -178,13 +182,24 @@ def _serve(name: str, how: str, entry: Entry, timm: str, hub_first: bool,
     if not (use_hub or use_url):
         return Skipped(name, entry.version, "timm %s fetches %s in a way a view cannot serve (%s)" % (
             timm, name, url or "no URL and no hub repo"))
-    # the two routes exclude each other: one file, in the format its loader reads
-    blob = blob_of(c, not (use_hub and hub_first))
+    if cfg.get("label_offset"):
+        return Skipped(name, entry.version, "timm %s drops the first %s classes of %s's head on loading" % (
+            timm, cfg["label_offset"], name))
+    # The two routes exclude each other: one file, in the format its loader reads. The
+    # loader runs the release's checkpoint filter on it, and some filters (LeViT's in 0.9)
+    # pair keys by position: a file is served only where its filter leaves it unchanged,
+    # as safetensors where it can, else in torch format in the model's own key order.
+    torch_format = not (use_hub and hub_first)
+    reason = check(name, c, torch_format)
+    if reason and not torch_format:
+        torch_format, reason = True, check(name, c, True)
+    if reason:
+        return Skipped(name, entry.version, reason)
     return Served(
-        pretrained=name, version=entry.version, converted=c.id, blob=blob,
+        pretrained=name, version=entry.version, converted=c.id, blob=blob_of(c, torch_format),
         how=how if registry or not entry.published else "published as %s" % entry.published,
         hub_repo=hub if use_hub else None,
-        hub_file=(SAFE_WEIGHTS if hub_first else TORCH_WEIGHTS) if use_hub else None,
+        hub_file=(TORCH_WEIGHTS if torch_format else SAFE_WEIGHTS) if use_hub else None,
         checkpoint=basename if use_url else None,
         config=_config(cfg, model, num_classes, kwargs, hub_first) if use_hub else {},
     )
@@ -304,6 +319,12 @@ def _remove_dir(path: Path) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove(store: Store, env: str) -> None:
+    """The view of an environment that is no longer registered."""
+    if view_dir(store, env).is_dir():
+        _remove_dir(view_dir(store, env))
 
 
 def read(store: Store, env: str) -> dict | None:
