@@ -201,3 +201,80 @@ def test_a_pin_switches_what_pretrained_true_loads_and_prune_keeps_what_views_se
     plan = json.loads(cli("prune", "--keep-last", "1", "--dry-run", "--json").output)
     assert {"version": "LeViT-128S-96703c44@1", "why": "served by a view"} in plan["kept"]
     assert same(pretrained(python, "default", "levit_128s", tmp_path), second_logits)
+
+
+READER = r"""
+import os, sys, time, torch, timm
+from release_script import fixed_input
+stop, out = sys.argv[1], sys.argv[2]
+results = []
+while not os.path.exists(stop):
+    try:
+        model = timm.create_model("levit_128s.fb_dist_in1k", pretrained=True).eval()
+        with torch.no_grad():
+            results.append(model(fixed_input(model)))
+    except Exception as exc:  # what the user's code would see
+        results.append("%s: %s" % (type(exc).__name__, exc))
+    with open(out + ".count", "w") as f:
+        f.write(str(len(results)))
+torch.save(results, out)
+"""
+
+
+def loads_so_far(results: Path) -> int:
+    try:
+        return int(Path(str(results) + ".count").read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_the_daemon_keeps_views_current_while_a_reader_loads_in_a_loop(root, tmp_path):
+    from test_daemon_process import Daemon, wait_for
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cachectld", "--watch", inbox, "--quiet-seconds", "1"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = Daemon(proc, root, log)
+    try:
+        made = make_checkpoint("0.6.13", "levit_128s")
+        versions = [made.path]
+        for i in (2, 3):
+            state = torch.load(made.path, weights_only=True)
+            versions.append(tmp_path / ("v%d.pth" % i))
+            torch.save({k: v * (1 + i / 100) if v.is_floating_point() else v for k, v in state.items()}, versions[-1])
+        refs = [made.logits] + [run_in("0.6.13", {"name": "levit_128s", "kwargs": {}}, v, tmp_path) for v in versions[1:]]
+        dropped = inbox / "LeViT-128S-96703c44.pth"
+
+        # dropped in, served by the view without anyone running a command
+        shutil.copyfile(versions[0], dropped)
+        assert daemon.result(dropped)["ok"]
+        wait_for(lambda: "levit_128s.fb_dist_in1k" in served("default"), "the view to serve levit", daemon)
+        assert same(pretrained(Path(sys.executable), "default", "levit_128s.fb_dist_in1k", tmp_path), refs[0])
+
+        # a reader loading in a loop while new versions arrive and prune runs
+        stop, results = tmp_path / "stop", tmp_path / "reader.pt"
+        reader = subprocess.Popen([sys.executable, "-W", "ignore", "-c", READER, str(stop), str(results)],
+                                  env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **activated("default"),
+                                       "PYTHONPATH": str(SCRIPT.parent)}, cwd=tmp_path)
+        wait_for(lambda: loads_so_far(results) >= 1, "the reader's first load", daemon)
+        for i, version in enumerate(versions[1:], start=2):
+            shutil.copyfile(version, dropped)
+            assert daemon.result(dropped, count=i)["ok"]
+            wait_for(lambda: served("default")["levit_128s.fb_dist_in1k"]["version"].endswith("@%d" % i),
+                     "the view to serve version %d" % i, daemon)
+            cli("prune", "--keep-last", "1", "--yes")
+        done = loads_so_far(results)
+        wait_for(lambda: loads_so_far(results) >= done + 2, "the reader's loads of the last version", daemon)
+        stop.touch()
+        assert reader.wait(timeout=600) == 0
+        loads = torch.load(results, weights_only=True)
+        assert len(loads) > 3
+        failures = [r for r in loads if isinstance(r, str)]
+        assert not failures, failures[:3]
+        assert all(any(same(r, ref) for ref in refs) for r in loads)
+        assert same(loads[-1], refs[-1])
+    finally:
+        daemon.stop()
