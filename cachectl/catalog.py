@@ -18,9 +18,11 @@ from .layout import Layout
 FORMAT_VERSION = 1
 FINGERPRINTS_VERSION = 1
 CATALOG_DIR = Path(__file__).resolve().parent / "data" / "catalog"
-# Fingerprints are taken with one torch for every release: outputs of unchanged code agree
-# to float32 round-off, a change of math moves them by far more.
-FINGERPRINT_RTOL = 1e-4
+# Fingerprints are taken with one torch for every release, so outputs of unchanged code
+# agree to float32 round-off. Measured on the shipped fingerprints: unchanged models at most
+# 4.5e-6 apart (relative) across releases, the smallest real change (gcresnet50t, LayerNorm
+# eps 1e-5 -> 1e-6 after 0.5.4) 7e-5 apart.
+FINGERPRINT_RTOL = 2e-5
 
 
 def version_key(version: str) -> tuple[int, ...]:

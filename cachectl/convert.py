@@ -223,7 +223,7 @@ def _math_by_fingerprints(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_ti
             source[release] = fp
     differ = [r for r, fp in source.items() if not fingerprints_agree(fp, target_fp)]
     if differ:
-        _refuse_by_fingerprints(ckpt, arch, target_name, target_timm, source, differ, catalog)
+        _refuse_by_fingerprints(ckpt, target_name, target_timm, source, differ, unverified, catalog)
     if not source:
         return "math: unverified (%s)" % "; ".join(unverified)
     verified = "math: %s of timm %s computes like %s of timm %s, which make this layout (fingerprints)" % (
@@ -231,8 +231,8 @@ def _math_by_fingerprints(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_ti
     return verified + ("; unverified: %s" % "; ".join(unverified) if unverified else "")
 
 
-def _refuse_by_fingerprints(ckpt: Checkpoint, arch: str, target_name: str, target_timm: str,
-                            source: dict[str, Fingerprint], differ: list[str], catalog: Catalog) -> None:
+def _refuse_by_fingerprints(ckpt: Checkpoint, target_name: str, target_timm: str, source: dict[str, Fingerprint],
+                            differ: list[str], unverified: list[str], catalog: Catalog) -> None:
     # the producing releases, grouped by what they compute
     groups: list[list[str]] = []
     for release, fp in source.items():
@@ -249,6 +249,8 @@ def _refuse_by_fingerprints(ckpt: Checkpoint, arch: str, target_name: str, targe
         problem = ("%s computes differently in timm %s than in timm %s; the releases that make this file's layout "
                    "compute it in %d ways (%s) and nothing in the file says which one made it (math fingerprints)") % (
             target_name, target_timm, ", ".join(differ), len(groups), " | ".join(", ".join(g) for g in groups))
+    if unverified:
+        problem += "; unverified: %s" % "; ".join(unverified)
     advice = []
     for group in groups:
         fits = [r for r in catalog.fingerprinted_releases

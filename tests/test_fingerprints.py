@@ -148,8 +148,7 @@ def test_the_fingerprints_confirm_each_hand_written_math_change(catalog, change)
     assert not contradicted, "fingerprints say these compute the same across %s-%s: %s" % (
         change.first, change.last, contradicted)
     if (change.families[0], change.last) in LAYOUT_CHANGED_TOO:
-        assert not confirmed or other_tensors == [], confirmed
-        return
+        return  # no weights fit both sides: nothing for fingerprints to confirm or contradict
     if not confirmed:
         pytest.skip("no release pair across %s-%s has fingerprints of an affected model yet (%d with other tensors)" % (
             change.first, change.last, len(other_tensors)))

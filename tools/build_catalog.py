@@ -117,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     for version in versions:
         dump(version)
     write(*merge(versions))
-    return 0
+    # then what each model computes, for the releases whose fingerprints are not complete
+    from tools import build_fingerprints
+
+    shipped = build_fingerprints.load_shipped()["releases"]
+    todo = [v for v in versions if not shipped.get(v, {}).get("complete")]
+    return build_fingerprints.main(todo) if todo else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Build the math fingerprints shipped beside the catalog (cachectl/data/catalog/fingerprints-v1.json.gz).
 
-    python -m tools.build_fingerprints                     # every catalogued release, 2 at a time
+    python -m tools.build_fingerprints                     # every catalogued release not done yet, 2 at a time
     python -m tools.build_fingerprints 0.9.2 0.9.16 -j 1   # these releases
     python -m tools.build_fingerprints --merge             # ship the dumps made so far
 
@@ -35,7 +35,7 @@ _write_lock = threading.Lock()
 FIRST = ("resnet18", "resnet50", "efficientnet_b0", "tf_efficientnet_b0", "tf_efficientnet_b0_ap",
          "swinv2_tiny_window8_256", "swinv2_tiny_window16_256", "resnetv2_50x1_bitm", "resnetv2_50x1_bit",
          "vit_base_patch16_224_in21k", "vit_base_patch16_224", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
-         "levit_128s", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224")
+         "levit_128s", "pit_ti_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224")
 
 
 def first_names() -> list[str]:
@@ -83,7 +83,7 @@ def _g(x: float) -> float:
 
 def release_record(path: Path) -> dict:
     """One release's entry of the shipped file, from its finished dump."""
-    models, skipped, failed, done = {}, {}, {}, {}
+    models, skipped, failed, done, methods = {}, {}, {}, {}, set()
     cpu = wall = 0.0
     with open(path) as f:
         for line in f:
@@ -98,15 +98,18 @@ def release_record(path: Path) -> dict:
             name = rec["model"]
             if "fingerprint" in rec:
                 fp = rec["fingerprint"]
+                methods.add(fp["method"])
                 models[name] = [fp["weights"], fp["input"], fp["shape"], _g(fp["sum"]), _g(fp["abs"]),
                                 [_g(v) for v in fp["values"]]]
             elif "skipped" in rec:
                 skipped[name] = rec["skipped"]
             else:
                 failed[name] = rec["error"]
+    if len(methods) > 1:
+        raise SystemExit("%s mixes fingerprint methods %s: delete it and fingerprint the release again" % (path, sorted(methods)))
     return {
         # an unfinished dump ships as it is: the models it has not reached have no fingerprint yet
-        "complete": bool(done), "timm": done.get("timm"), "torch": done.get("torch"), "method": done.get("method"),
+        "complete": bool(done), "timm": done.get("timm"), "torch": done.get("torch"), "method": max(methods) if methods else done.get("method"),
         "models": dict(sorted(models.items())), "skipped": dict(sorted(skipped.items())),
         "failed": dict(sorted(failed.items())), "cpu_seconds": round(cpu, 1), "wall_seconds": round(wall, 1),
     }
@@ -144,13 +147,14 @@ def summary(version: str, rel: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("versions", nargs="*", help="timm releases (default: every catalogued one)")
+    parser.add_argument("versions", nargs="*", help="timm releases (default: the catalogued ones not complete yet)")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="releases fingerprinted at once (default 2)")
     parser.add_argument("--merge", action="store_true", help="only merge the dumps there are into the shipped file")
     parser.add_argument("--first-only", action="store_true",
                         help="only the models the tests and the math-change tables name (a partial release)")
     args = parser.parse_args(argv)
-    versions = args.versions or list(CATALOG_RELEASES)
+    shipped = load_shipped()["releases"]
+    versions = args.versions or [v for v in CATALOG_RELEASES if not shipped.get(v, {}).get("complete")]
     started = time.time()
     if args.merge:
         data = merge_into_shipped()
