@@ -36,3 +36,7 @@ class NoPlanError(CachectlError):
 
 class TargetError(CachectlError):
     """The target interpreter cannot answer (missing timm, unknown model, crash)."""
+
+
+class AmbiguousError(IdentifyError):
+    """Look-alike architectures that may compute differently, and nothing in the file decides."""

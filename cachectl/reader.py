@@ -23,7 +23,8 @@ from .errors import CheckpointError, UnsafeCheckpointError
 from .layout import Layout, TensorSpec
 from .paths import SNAPSHOT_WEIGHTS
 
-# Containers people wrap weights in, in the order timm's own load_checkpoint prefers them.
+# Containers people wrap weights in, in the order timm's own load_checkpoint prefers them
+# with use_ema=False; with use_ema=True (its default) the EMA copies come first.
 CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
 EMA_CONTAINERS = ("state_dict_ema", "model_ema")
 # Prefixes added by DataParallel/DDP, torch.compile and training wrappers.
@@ -75,10 +76,11 @@ class Checkpoint:
         return self.weights.stat().st_size
 
 
-def read(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint:
+def read(path: str | os.PathLike, *, ema: bool = True) -> Checkpoint:
     """Open `path` (a checkpoint file or an HF snapshot folder) safely and lazily.
 
-    `ema` picks the EMA copy of the weights when the file holds one.
+    Of a training checkpoint holding both, the EMA copy of the weights is read, as timm's
+    own `load_checkpoint` does (`use_ema=True` from 0.6 on); `ema=False` reads the other.
     """
     path = Path(path)
     if path.is_dir():

@@ -48,11 +48,16 @@ def test_inspect_damaged_layout_is_partial_with_a_score(tmp_path):
     state = torch.load(made.path, weights_only=True)
     for k in [k for k in state if k.startswith("layer4.1.")]:
         del state[k]
-    torch.save(state, tmp_path / "pruned.pth")
-    report = json.loads(invoke("inspect", tmp_path / "pruned.pth", "--json").output)
+    torch.save(state, tmp_path / "resnet18_pruned.pth")
+    report = json.loads(invoke("inspect", tmp_path / "resnet18_pruned.pth", "--json").output)
     assert report["confidence"] == "partial"
     assert report["architecture"] == "resnet18"
     assert 0.8 < report["score"] < 1.0
+    # without its name, the look-alike of another math (blur pooling) is not ruled out
+    torch.save(state, tmp_path / "pruned.pth")
+    report = json.loads(invoke("inspect", tmp_path / "pruned.pth", "--json").output)
+    assert report["confidence"] == "ambiguous"
+    assert "resnetblur18" in {report["source_architecture"]} | {c["architecture"] for c in report["ambiguous"]}
 
 
 def test_shared_layout_is_decided_by_file_name(tmp_path):

@@ -46,14 +46,16 @@ def test_training_checkpoint_unwraps_state_dict_and_prefixes(tmp_path, state):
         "state_dict": {"module._orig_mod." + k: v for k, v in state.items()},
         "state_dict_ema": ema, "optimizer": {"state": {}, "param_groups": []},
     }, tmp_path / "train.pth.tar")
-    ckpt = read(tmp_path / "train.pth.tar")
+    ckpt = read(tmp_path / "train.pth.tar", ema=False)
     assert ckpt.container == "state_dict"
     assert ckpt.other_containers == ("state_dict_ema",)
     assert ckpt.stripped_prefix == "module._orig_mod."
     assert ckpt.hints.architecture == MODEL
     _same(ckpt, state)
-    ema_ckpt = read(tmp_path / "train.pth.tar", ema=True)
+    # by default the EMA copy, as timm's own load_checkpoint (use_ema=True) reads it
+    ema_ckpt = read(tmp_path / "train.pth.tar")
     assert ema_ckpt.container == "state_dict_ema"
+    assert ema_ckpt.other_containers == ("state_dict",)
     _same(ema_ckpt, ema)
 
 
