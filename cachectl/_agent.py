@@ -26,7 +26,18 @@ def info():
         "torch": torch.__version__.split("+")[0],
         "python": "%d.%d.%d" % sys.version_info[:3],
         "executable": sys.executable,
+        "hub": _hub_importable(),
     }
+
+
+def _hub_importable():
+    """Whether this timm can use its huggingface_hub: timm imports it quietly or not at all."""
+    for module in ("timm.models._hub", "timm.models.hub"):
+        try:
+            return bool(importlib.import_module(module)._has_hf_hub)
+        except (ImportError, AttributeError):
+            continue
+    return False
 
 
 @contextlib.contextmanager

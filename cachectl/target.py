@@ -35,6 +35,7 @@ class TargetInfo:
     python: str
     timm: str
     torch: str
+    hub: bool
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class Target:
     def info(self) -> TargetInfo:
         if self._info is None:
             raw = self._call("info")
-            self._info = TargetInfo(python=raw["executable"], timm=raw["timm"], torch=raw["torch"])
+            self._info = TargetInfo(python=raw["executable"], timm=raw["timm"], torch=raw["torch"], hub=raw.get("hub", False))
         return self._info
 
     def resolve_name(self, name: str) -> str | None:

@@ -88,13 +88,16 @@ def variables(store: Store, env: str) -> dict[str, str]:
     """What points an environment's timm, huggingface_hub and torch.hub at its view, offline.
 
     huggingface_hub before 0.16 reads HUGGINGFACE_HUB_CACHE, later ones HF_HUB_CACHE;
-    torch.hub reads $TORCH_HOME/hub. HF_HUB_OFFLINE keeps both from trying the network."""
+    torch.hub reads $TORCH_HOME/hub. HF_HUB_OFFLINE keeps both from trying the network.
+    TIMM_USE_OLD_CACHE makes timm 0.9 and later take a torch.hub file the view holds (it
+    holds one only where the hub cache cannot serve: no hub repo, or no huggingface_hub)."""
     root = view_dir(store, env)
     return {
         "HF_HUB_CACHE": str(root / "hub"),
         "HUGGINGFACE_HUB_CACHE": str(root / "hub"),
         "HF_HUB_OFFLINE": "1",
         "TORCH_HOME": str(root / "torch"),
+        "TIMM_USE_OLD_CACHE": "1",
     }
 
 
@@ -105,7 +108,7 @@ def lookup_release(catalog: Catalog, timm: str) -> str:
     return timm if timm in catalog.releases else (older[-1] if older else catalog.releases[0])
 
 
-def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
+def plan(env: str, timm: str, hub: bool, entries: list[Entry], catalog: Catalog,
          cfg_of: Callable[[str], dict | None], blob_of: Callable[[Converted, bool], str],
          check: Callable[[str, Converted, bool], str | None]) -> ViewPlan:
     """What the view of `env` (timm release `timm`) serves.
@@ -113,11 +116,13 @@ def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
     `cfg_of(name)` asks the environment's timm for a pretrained config (None: it has none);
     `blob_of(c, torch_format)` names the blob of `c` to link, relative to the blobs folder;
     a torch-format copy (made on demand) serves timm before 0.9 and URL-only configs.
+    `hub`: the environment's timm can import its huggingface_hub; timm 0.9 and later
+    without one read torch.hub's folder only (with TIMM_USE_OLD_CACHE, which activate sets).
     `check(name, c, torch_format)` says why the environment's own pretrained loader (its
     checkpoint filter) would not load that file unchanged, or None when it would. Published entries come first, then newer versions: the first
     to claim a pretrained name serves it; the rest are listed as skipped, with why."""
     release = lookup_release(catalog, timm)
-    hub_first = pretrained.hub_first(timm)
+    hub_first = pretrained.hub_first(timm) and hub
     served: dict[str, Served] = {}
     skipped: list[Skipped] = []
     for entry in sorted(entries, key=lambda e: (e.published is None, -e.added)):
@@ -129,7 +134,7 @@ def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
             if name in served:
                 skipped.append(Skipped(name, entry.version, "%s serves it" % served[name].version))
                 continue
-            result = _serve(name, how, entry, timm, hub_first, cfg_of, blob_of, check)
+            result = _serve(name, how, entry, timm, hub_first, hub, cfg_of, blob_of, check)
             if isinstance(result, Skipped):
                 skipped.append(result)
             else:
@@ -137,7 +142,7 @@ def plan(env: str, timm: str, entries: list[Entry], catalog: Catalog,
     return ViewPlan(env, timm, tuple(served[k] for k in sorted(served)), tuple(skipped))
 
 
-def _serve(name: str, how: str, entry: Entry, timm: str, hub_first: bool,
+def _serve(name: str, how: str, entry: Entry, timm: str, hub_first: bool, hub_ok: bool,
            cfg_of: Callable[[str], dict | None], blob_of: Callable[[Converted, bool], str],
            check: Callable[[str, Converted, bool], str | None]) -> Served | Skipped:
     c = entry.converted
@@ -177,9 +182,15 @@ def _serve(name: str, how: str, entry: Entry, timm: str, hub_first: bool,
     if not hub_first and kwargs:
         return Skipped(name, entry.version, "timm %s cannot rebuild it from config.json (it needs %s)" % (
             timm, json.dumps(kwargs, sort_keys=True)))
+    if not hub_ok:
+        hub = None  # this timm cannot read the hub cache: the torch.hub folder only
     use_hub = bool(hub) and (hub_first or not basename)
     use_url = bool(basename) and (not hub_first or not hub)
     if not (use_hub or use_url):
+        if not hub_ok and cfg.get("hf_hub_id"):
+            return Skipped(name, entry.version, "timm %s here cannot import its huggingface_hub, and %s has no "
+                           "pretrained URL: install a huggingface_hub of its time in the environment (0.20.3 "
+                           "works with timm 0.9.16), then run cachectl env refresh" % (timm, name))
         return Skipped(name, entry.version, "timm %s fetches %s in a way a view cannot serve (%s)" % (
             timm, name, url or "no URL and no hub repo"))
     if cfg.get("label_offset"):

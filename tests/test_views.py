@@ -104,7 +104,8 @@ def served(env: str) -> dict[str, dict]:
 
 
 def test_old_swin_and_levit_under_their_url_names_load_with_pretrained_true_in_every_release(root, tmp_path):
-    envs = {"t04": python_for("0.4.12"), "t06": python_for("0.6.13"), "t09": python_with_old_hub("0.9.16")}
+    envs = {"t04": python_for("0.4.12"), "t06": python_for("0.6.13"), "t09": python_with_old_hub("0.9.16"),
+            "t09nohub": python_for("0.9.16")}  # timm 0.9.16 beside a huggingface_hub it cannot import
     for name, python in envs.items():
         cli("env", "add", name, "--python", python)
     swin = make_checkpoint("0.6.13", "swin_tiny_patch4_window7_224")
@@ -121,6 +122,11 @@ def test_old_swin_and_levit_under_their_url_names_load_with_pretrained_true_in_e
     assert served("t09")["levit_128s.fb_dist_in1k"]["hub_repo"] == "timm/levit_128s.fb_dist_in1k"
     assert same(pretrained(envs["t09"], "t09", "swin_tiny_patch4_window7_224.ms_in1k", tmp_path), swin.logits)
     assert same(pretrained(envs["t09"], "t09", "levit_128s", tmp_path), levit.logits)
+    # without a huggingface_hub, timm 0.9 reads torch.hub's folder (TIMM_USE_OLD_CACHE)
+    assert served("t09nohub")["swin_tiny_patch4_window7_224.ms_in1k"]["checkpoint"] == "swin_tiny_patch4_window7_224.pth"
+    assert same(pretrained(envs["t09nohub"], "t09nohub", "swin_tiny_patch4_window7_224", tmp_path), swin.logits)
+    skipped = json.loads(cli("views", "list", "--env", "t09nohub", "--json").output)["t09nohub"]["skipped"]
+    assert any(s["pretrained"] == "levit_128s.fb_dist_in1k" and "huggingface_hub" in s["reason"] for s in skipped)
     assert same(pretrained(Path(sys.executable), "default", "swin_tiny_patch4_window7_224", tmp_path), swin.logits)
     assert same(pretrained(Path(sys.executable), "default", "levit_128s.fb_dist_in1k", tmp_path), levit.logits)
     assert same(pretrained(Path(sys.executable), "default", "hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k",
