@@ -5,6 +5,8 @@ The CLI, the daemon and the Python API all go through `Cache`; `Store` only pers
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -13,12 +15,14 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import CachectlError
 from .paths import default_root
-from .store import CONVERTED_SUFFIX, Converted, Environment, Link, Source, Store, Version, sha256_file
+from .store import (CONVERTED_SUFFIX, TORCH_SUFFIX, Converted, Environment, Link, Publication, Source, Store,
+                    Version, sha256_file)
 
 # torch loads with these, so only the commands that convert or read weights import them:
 # listing, pinning and pruning stay quick
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .views import Entry, Skipped, ViewPlan
     from .reader import Checkpoint
     from .target import Target
 
@@ -60,6 +64,7 @@ class Row:
     state: str  # ready | converting | failed
     error: str | None
     source: str  # sha256
+    served: tuple[str, ...] = ()  # "<pretrained name> in <env>": what views serve it as
 
     @property
     def ref(self) -> str:
@@ -71,6 +76,7 @@ class Row:
             "timm_versions": list(self.timm_versions), "size": self.size,
             "environments": list(self.environments), "pinned": list(self.pinned),
             "state": self.state, "error": self.error, "created": self.created, "sha256": self.source,
+            "served": list(self.served),
         }
 
 
@@ -139,7 +145,8 @@ class Cache:
             self._targets.pop(name).close()
         target = self._targets[name] = Target(python)
         info = target.info()
-        return Environment(name=name, python=target.python, timm=info.timm, torch=info.torch, probed=time.time())
+        return Environment(name=name, python=target.python, timm=info.timm, torch=info.torch, probed=time.time(),
+                           hub=info.hub)
 
     def env_add(self, name: str, python: str) -> Environment:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -149,6 +156,7 @@ class Cache:
             raise CachectlError(None, "environment %s exists" % name, "Use cachectl env refresh %s, or env rm it first." % name)
         env = self._probe(name, python)
         self.store.put_env(env)
+        self.refresh_views([name])
         return env
 
     def env_rm(self, name: str) -> None:
@@ -157,6 +165,10 @@ class Cache:
             raise CachectlError(None, "the default environment is the interpreter cachectl runs in",
                                 "It cannot be removed; register other environments with cachectl env add.")
         self.store.remove_env(name)
+        from . import views
+
+        with self.store.lock("view:" + name):
+            views.remove(self.store, name)
 
     def env_refresh(self, name: str, progress: Callable[[str], None] | None = None) -> tuple[Environment, Environment]:
         """Re-probe `name`; when its timm changed, convert what its names need for the new one."""
@@ -168,6 +180,7 @@ class Cache:
                 if progress:
                     progress(sha)
                 self.convert_for(sha, new)
+        self.refresh_views([name])
         return old, new
 
     def _needed_versions(self, env: Environment) -> list[Version]:
@@ -185,8 +198,14 @@ class Cache:
     # -- ingest and convert --------------------------------------------------------------
 
     def add(self, path: str | os.PathLike, name: str | None = None,
-            progress: Callable[[str], None] | None = None) -> AddResult:
-        """Ingest `path` as a new version of `name` and convert it for every environment."""
+            progress: Callable[[str], None] | None = None, *, model: str | None = None,
+            prefixes: tuple[str, ...] = ()) -> AddResult:
+        """Ingest `path` as a new version of `name` and convert it for every environment.
+
+        `model` says what the file is where look-alikes share its layout, `prefixes` where
+        its timm models sit in a larger state dict; both are recorded with the source and
+        used by every later conversion of it. Saying them again for stored bytes replaces
+        what was said before and converts anew."""
         from .reader import read
 
         path = Path(path)
@@ -194,28 +213,34 @@ class Cache:
         ckpt = read(path)  # unreadable files are refused before anything is stored
         sha, size = self.store.ingest_file(ckpt.weights)
         source = self.store.get_source(sha)
-        if source is None:
-            source = self._identify(ckpt, sha, size)
+        said = (model, tuple(prefixes))
+        changed = source is not None and (model or prefixes) and said != (source.model, source.prefixes)
+        if source is None or changed:
+            source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes))
             self.store.put_source(source)
         version, is_new = self._new_version(name, sha, str(path.absolute()))
         links = []
         for env in self.environments():
             if progress:
                 progress(env.name)
-            links.append(self.convert_for(sha, env, ckpt))
+            links.append(self.convert_for(sha, env, ckpt, again=bool(changed)))
+        if is_new and self._touches_views(version):
+            self.refresh_views()
         return AddResult(version, source, is_new, tuple(links))
 
-    def _identify(self, ckpt: Checkpoint, sha: str, size: int) -> Source:
-        from .identify import identify
+    def _identify(self, ckpt: Checkpoint, sha: str, size: int, model: str | None = None,
+                  prefixes: tuple[str, ...] = ()) -> Source:
+        from .identify import find
 
-        base = dict(sha256=sha, size=size, origin=str(ckpt.path.absolute()), added=time.time(), format=ckpt.format)
+        base = dict(sha256=sha, size=size, origin=str(ckpt.path.absolute()), added=time.time(), format=ckpt.format,
+                    model=model, prefixes=prefixes)
         try:
-            tag = identify(ckpt, self.catalog)
+            tag = find(ckpt, self.catalog, model=model, prefixes=prefixes or None).tags[0]
         except CachectlError as exc:
             return Source(**base, error=str(exc))
         b = tag.best
         return Source(**base, architecture=b.architecture, timm_versions=b.timm_versions,
-                      confidence=b.confidence, num_classes=b.num_classes)
+                      confidence=tag.confidence, num_classes=b.num_classes)
 
     def _new_version(self, name: str, sha: str, origin: str) -> tuple[Version, bool]:
         with self.store.lock("name:" + name):
@@ -226,11 +251,12 @@ class Cache:
             self.store.put_versions(name, versions + [v])
             return v, True
 
-    def convert_for(self, sha: str, env: Environment, ckpt: Checkpoint | None = None) -> Link:
-        """The link from `env` to its converted copy of source `sha`, converting at most once."""
+    def convert_for(self, sha: str, env: Environment, ckpt: Checkpoint | None = None, again: bool = False) -> Link:
+        """The link from `env` to its converted copy of source `sha`, converting at most once
+        (`again`: once more, after the user said anew what the source is)."""
         with self.store.lock("convert:%s:%s" % (sha, env.name)):
             link = self.store.get_link(env.name, sha)
-            if link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
+            if not again and link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
                 return link
             source = self.store.get_source(sha)
             if source is None:
@@ -253,8 +279,14 @@ class Cache:
         try:
             if ckpt is None:
                 ckpt = dataclasses.replace(read(self.store.blob_path(source.sha256)), path=Path(source.origin))
-            prepared = prepare(ckpt, self.target(env), catalog=self.catalog)
+            prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.model,
+                               prefixes=source.prefixes or None)
             cid = "%s-%s" % (source.sha256[:16], prepared.target_layout)
+            if source.model or source.prefixes:
+                # what the user said the file is picks among look-alikes of one layout:
+                # another answer is another conversion, never the earlier one reused
+                said = json.dumps([source.model, list(source.prefixes)])
+                cid += "-" + hashlib.sha1(said.encode()).hexdigest()[:8]
             with self.store.lock("converted:" + cid):
                 if not self._converted_ok(cid):
                     tmp = self.store.new_tmp(".safetensors")
@@ -310,6 +342,7 @@ class Cache:
             pins[version.name] = version.version
             self.store.put_pins(environment.name, pins)
         self.convert_for(version.source, environment)
+        self.refresh_views([environment.name])
         return version
 
     def unpin(self, name: str, env: str) -> bool:
@@ -318,6 +351,8 @@ class Cache:
             pins = self.store.pins_of(environment.name)
             removed = pins.pop(name.partition("@")[0], None) is not None
             self.store.put_pins(environment.name, pins)
+        if removed:
+            self.refresh_views([environment.name])
         return removed
 
     # -- listing ---------------------------------------------------------------------------
@@ -333,6 +368,7 @@ class Cache:
         sizes: dict[str, int] = {}
         for c in converted.values():
             sizes[c.source] = sizes.get(c.source, 0) + c.size
+        served = self._served_by_version([e.name for e in envs])
         rows = []
         for v in self.store.all_versions():
             s = sources.get(v.source)
@@ -352,9 +388,19 @@ class Cache:
                 timm_versions=s.timm_versions if s else (), size=(s.size if s else 0) + sizes.get(v.source, 0),
                 environments=tuple(have), pinned=tuple(sorted(e for e, p in pins.items() if p.get(v.name) == v.version)),
                 created=v.added, state=state, error=error, source=v.source,
+                served=tuple(served.get(v.ref, ())),
             ))
         rows.sort(key=lambda r: (r.name, r.version))
         return rows
+
+    def _served_by_version(self, envs: list[str]) -> dict[str, list[str]]:
+        from . import views
+
+        out: dict[str, list[str]] = {}
+        for env in envs:
+            for s in (views.read(self.store, env) or {}).get("served", []):
+                out.setdefault(s["version"], []).append("%s in %s" % (s["pretrained"], env))
+        return out
 
     def show(self, ref: str) -> dict:
         version = self.find_version(ref)
@@ -364,6 +410,7 @@ class Cache:
             "name": version.name, "version": version.ref, "added": version.added, "origin": version.origin,
             "source": dataclasses.asdict(source) if source else None, "blob": str(self.store.blob_path(version.source)),
             "environments": {},
+            "served": self._served_by_version([e.name for e in self.environments()]).get(version.ref, []),
         }
         for l in links:
             c = self.store.get_converted(l.converted) if l.converted else None
@@ -410,3 +457,201 @@ class Cache:
             return ["%s (%s): missing" % (path, what)]
         actual = sha256_file(path)
         return [] if actual == sha else ["%s (%s): damaged, its sha256 is now %s" % (path, what, actual)]
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def refresh_views(self, envs: list[str] | None = None,
+                      progress: Callable[[str], None] | None = None) -> list[ViewPlan]:
+        """Bring the views of `envs` (default: all) in line with names, pins and publications.
+
+        Converts, for each environment, what its view should serve and is not converted yet."""
+        from . import views
+
+        plans = []
+        for env in self.environments():
+            if envs is not None and env.name not in envs:
+                continue
+            with self.store.lock("view:" + env.name):
+                entries, failed = self._view_entries(env, progress)
+                target = self.target(env)
+                before = views.read(self.store, env.name) or {}
+                # proven by an earlier build for this timm: the check is not repeated
+                proven = {(s["pretrained"], s["converted"], s["blob"]) for s in before.get("served", [])
+                          if before.get("timm") == env.timm}
+
+                def blob_of(c: Converted, torch_format: bool) -> str:
+                    return self._blob_of(c, torch_format, env)
+
+                def check(name: str, c: Converted, torch_format: bool) -> str | None:
+                    if (name, c.id, blob_of(c, torch_format)) in proven:
+                        return None
+                    return self._loader_changes(env, name, c, self.store.blobs / blob_of(c, torch_format), torch_format)
+
+                view = views.plan(env.name, env.timm, env.hub, entries, self.catalog, target.pretrained_cfg, blob_of, check)
+                view = dataclasses.replace(view, skipped=view.skipped + tuple(failed))
+                views.apply(self.store, view)
+            plans.append(view)
+        return plans
+
+    def _touches_views(self, version: Version) -> bool:
+        """Whether a new `version` can change what a view serves: it names a pretrained
+        model, its name is published, or an older version of its name is served."""
+        from . import views
+
+        if self._pretrained_keys(version) or any(p.name == version.name for p in self.store.all_publications()):
+            return True
+        prefix = version.name + "@"
+        for env in self.store.all_envs():
+            served = (views.read(self.store, env.name) or {}).get("served", [])
+            if any(s["version"].startswith(prefix) for s in served):
+                return True
+        return False
+
+    def _view_entries(self, env: Environment, progress: Callable[[str], None] | None) -> tuple[list[Entry], list[Skipped]]:
+        from . import pretrained
+        from .views import Entry, Skipped
+
+        publications = [p for p in self.store.all_publications() if p.env in (None, env.name)]
+        wanted: list[tuple[Version, frozenset[str], str | None]] = []
+        for v in self._needed_versions(env):
+            keys = self._pretrained_keys(v)
+            if keys:
+                wanted.append((v, keys, None))
+            for p in publications:
+                if p.name == v.name and p.version is None:
+                    wanted.append((v, pretrained.published(self.catalog, p.as_name), p.as_name))
+        for p in publications:
+            if p.version is not None:
+                try:
+                    v = self.find_version("%s@%d" % (p.name, p.version))
+                except CachectlError:
+                    continue  # pruned or removed since: nothing to serve
+                wanted.append((v, pretrained.published(self.catalog, p.as_name), p.as_name))
+        entries, failed = [], []
+        for v, keys, as_name in wanted:
+            if progress:
+                progress("%s for %s" % (v.ref, env.name))
+            link = self.convert_for(v.source, env)
+            converted = self.store.get_converted(link.converted) if link.converted else None
+            if converted is None:
+                failed.append(Skipped(as_name or "(its pretrained names)", v.ref, link.error or "not converted"))
+                continue
+            entries.append(Entry(v.ref, converted, keys, v.added, as_name))
+        return entries, failed
+
+    def _pretrained_keys(self, v: Version) -> frozenset[str]:
+        """What `v` is by itself: the hub repo it came from, or a pretrained URL's file name."""
+        from . import pretrained
+
+        source = self.store.get_source(v.source)
+        if source is None or not source.architecture:
+            return frozenset()
+        origin = Path(v.origin)
+        repo_id = next((p[len("models--"):].replace("--", "/") for p in reversed(origin.parts)
+                        if p.startswith("models--")), None)
+        return pretrained.identity(self.catalog, source.architecture, None if repo_id else origin.name, repo_id)
+
+    def _blob_of(self, c: Converted, torch_format: bool, env: Environment) -> str:
+        """The blob of `c` a view links to; the torch-format copy is made the first time."""
+        path = self.store.converted_path(c)
+        if torch_format:
+            path = self.store.torch_path(c)
+            if path is None or not path.exists():
+                path = self._torch_copy(c, self.target(env).describe(c.model, c.model_kwargs).layout.keys)
+        return str(path.relative_to(self.store.blobs))
+
+    def _loader_changes(self, env: Environment, name: str, c: Converted, path: Path, torch_format: bool) -> str | None:
+        """Why `env`'s own pretrained loader would not load `path` unchanged as `name`; None if it would."""
+        import torch
+
+        from .errors import TargetError
+        from .reader import read
+
+        target = self.target(env)
+        tensors = dict(read(path).tensors)
+        try:
+            spec = target.describe(name if target.pretrained_cfg(name) else c.model, c.model_kwargs)
+            out, how = target.apply_filter(spec, tensors, ordered=torch_format)
+        except TargetError as exc:
+            return "timm %s's own loader fails on it: %s" % (env.timm, exc)
+        if out is None:
+            return None
+        if set(out) != set(tensors) or any(not torch.equal(out[k], tensors[k]) for k in tensors):
+            return "timm %s's checkpoint filter %s changes it on loading" % (env.timm, how)
+        return None
+
+    def _torch_copy(self, c: Converted, order: tuple[str, ...]) -> Path:
+        import torch
+        from safetensors.torch import load_file
+
+        with self.store.lock("converted:" + c.id):
+            c = self.store.get_converted(c.id) or c
+            path = self.store.torch_path(c)
+            if path is not None and path.exists():
+                return path
+            tmp = self.store.new_tmp(TORCH_SUFFIX)
+            try:
+                state = load_file(self.store.converted_path(c))
+                # the model's own order, as torch.save of its state_dict would have it
+                rank = {k: i for i, k in enumerate(order)}
+                torch.save({k: state[k] for k in sorted(state, key=lambda k: rank.get(k, len(rank)))}, tmp)
+                digest, _ = self.store.publish_blob(tmp, TORCH_SUFFIX)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.store.put_converted(dataclasses.replace(c, torch_sha256=digest))
+            return self.store.blob_path(digest, TORCH_SUFFIX)
+
+    def publish(self, ref: str, as_name: str, env: str | None = None) -> Publication:
+        """Serve `ref` as the pretrained name `as_name` in `env`'s view (every view: None)."""
+        name, _, wanted = ref.partition("@")
+        version = self.find_version(ref)
+        if env is not None:
+            self.env(env)
+        if not as_name or as_name.startswith(".") or as_name.count("/") > 1 or any(c.isspace() for c in as_name):
+            raise CachectlError(None, "%r is not a pretrained name" % as_name,
+                                "Give ARCH.TAG (resnet50.my_finetune), or a hub repo id (myteam/resnet50_ft).")
+        publication = Publication(version.name, as_name, version.version if wanted else None, env)
+        with self.store.lock("publications"):
+            kept = [p for p in self.store.all_publications() if (p.as_name, p.env) != (as_name, env)]
+            self.store.put_publications(kept + [publication])
+        return publication
+
+    def unpublish(self, as_name: str, env: str | None = None) -> list[Publication]:
+        with self.store.lock("publications"):
+            publications = self.store.all_publications()
+            gone = [p for p in publications if p.as_name == as_name and (env is None or p.env == env)]
+            if not gone:
+                raise CachectlError(None, "nothing is published as %s%s" % (as_name, " in %s" % env if env else ""),
+                                    "See cachectl views list.")
+            self.store.put_publications([p for p in publications if p not in gone])
+        return gone
+
+    def verify_views(self, envs: list[str] | None = None) -> list[str]:
+        """Problems of the views: links that do not resolve, linked files that are not the
+        converted file they claim to be, served files that no longer load strictly."""
+        from . import views
+        from .convert import strict_check
+        from .reader import read
+
+        problems = []
+        for env in self.environments():
+            if envs is not None and env.name not in envs:
+                continue
+            problems += views.broken_links(self.store, env.name)
+            for s in (views.read(self.store, env.name) or {}).get("served", []):
+                c = self.store.get_converted(s["converted"])
+                blob = self.store.blobs / s["blob"]
+                if c is None:
+                    problems.append("view %s: %s names converted file %s, which the store no longer has" % (
+                        env.name, s["pretrained"], s["converted"]))
+                    continue
+                expected = c.sha256 if blob.name.endswith(CONVERTED_SUFFIX) else c.torch_sha256
+                problems += self._check_blob(blob, expected or "", "%s in the view of %s" % (s["pretrained"], env.name))
+                if not blob.exists():
+                    continue
+                spec = self.target(env).describe(c.model, c.model_kwargs)
+                mismatch = strict_check(read(blob).tensors, spec.layout)
+                if not mismatch.ok:
+                    problems.append("view %s: %s (%s) no longer loads strictly into %s: %s" % (
+                        env.name, s["pretrained"], blob, c.model, mismatch.describe()))
+        return problems

@@ -40,7 +40,20 @@ python_option = click.option(
     "--python", "python", metavar="PY", type=click.Path(dir_okay=False),
     help="Interpreter of the target environment (needs torch and timm only). Default: the timm beside cachectl.",
 )
-ema_option = click.option("--ema", is_flag=True, help="Use the EMA copy of the weights when the file holds one.")
+ema_option = click.option(
+    "--ema/--no-ema", default=True,
+    help="Of a training checkpoint holding both, use the EMA copy of the weights (the default, as timm's "
+         "load_checkpoint does) or the other one.",
+)
+model_option = click.option(
+    "--model", metavar="NAME",
+    help="What the file is: decides between look-alikes, and is the model built in the target.",
+)
+prefix_option = click.option(
+    "--prefix", "prefixes", multiple=True, metavar="PREFIX",
+    help="Where a timm model sits in a larger state dict (e.g. backbone.); repeat for several. "
+         "Default: looked for.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 
 
@@ -76,18 +89,24 @@ def _cache(ctx: click.Context):
 @main.command()
 @click.argument("file", type=click.Path(exists=True, path_type=Path))
 @ema_option
+@model_option
+@prefix_option
 @python_option
 @json_option
-def inspect(file: Path, ema: bool, python: str | None, as_json: bool) -> None:
+def inspect(file: Path, ema: bool, model: str | None, prefixes: tuple[str, ...], python: str | None,
+            as_json: bool) -> None:
     """Tell which architecture and timm releases produced FILE, reading headers only.
 
     FILE is a checkpoint (.safetensors, .pth, .pt, .bin, .pth.tar) or a Hugging Face
     snapshot folder. Nothing in it is executed. The answer says whether it loads as-is
-    in the timm of --python (default: the one installed beside cachectl).
+    in the timm of --python (default: the one installed beside cachectl). A timm model
+    inside a larger one (backbone., encoder., ...) is found under its prefix. Confidence
+    `ambiguous` lists look-alikes that may compute differently: convert needs --model.
 
     \b
     Examples:
       cachectl inspect resnet50_a1.pth
+      cachectl inspect mask_rcnn_swin_t.pth --prefix backbone.
       cachectl inspect ~/hub/models--timm--vit_base_patch16_224.augreg_in21k/snapshots/abc --json
     """
     from .inspection import inspect_file
@@ -95,7 +114,7 @@ def inspect(file: Path, ema: bool, python: str | None, as_json: bool) -> None:
 
     try:
         with Target(python) as target:
-            report = inspect_file(file, target, ema=ema)
+            report = inspect_file(file, target, ema=ema, model=model, prefixes=prefixes or None)
     except CachectlError as exc:
         raise _fail(exc)
     if as_json:
@@ -104,29 +123,41 @@ def inspect(file: Path, ema: bool, python: str | None, as_json: bool) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    arch = report.architecture or "(none in timm %s)" % report.installed_timm
-    if report.architecture and report.architecture.split(".")[0] != report.source_architecture:
-        arch += "  (%s in the producing release)" % report.source_architecture
-    confidence = report.confidence if report.confidence != "partial" else "partial, score %.2f" % report.score
     rows = [
         ("file", "%s (%s, %s, %d tensors, %.1fM parameters)" % (
             report.file, report.format, _size(report.size), report.tensors, report.parameters / 1e6)),
-        ("architecture", arch),
-        ("produced by timm", ", ".join(report.timm_versions)),
-        ("confidence", "%s (chosen by %s)" % (confidence, report.chosen_by)),
-        ("num_classes", str(report.num_classes)),
-        ("layout", report.layout),
     ]
+    for part in report.parts:
+        arch = part.architecture or "(none in timm %s)" % report.installed_timm
+        if part.architecture and part.architecture.split(".")[0] != part.source_architecture:
+            arch += "  (%s in the producing release)" % part.source_architecture
+        confidence = part.confidence if part.confidence != "partial" else "partial, score %.2f" % part.score
+        if part.ambiguous:
+            confidence = "ambiguous: %s or %s may compute differently; say which with --model NAME" % (
+                part.source_architecture, ", ".join(c.architecture for c in part.ambiguous))
+        else:
+            confidence += " (chosen by %s)" % part.chosen_by
+        rows += [
+            ("architecture", arch + ("  under %s (%d tensors)" % (part.prefix, part.tensors) if part.prefix else "")),
+            ("produced by timm", ", ".join(part.timm_versions)),
+            ("confidence", confidence),
+            ("num_classes", str(part.num_classes)),
+        ]
+        others = [c.architecture for c in part.alternatives if c not in part.ambiguous]
+        if others:
+            rows.append(("also matches", ", ".join(others[:5]) + (" and %d more" % (len(others) - 5) if len(others) > 5 else "")))
+        rows.append(("loads as-is in timm %s" % report.installed_timm,
+                     "yes" if part.loads_as_is else "no: %s" % part.as_is_problem))
+    if report.wrapped:
+        rows.append(("other keys", "%d, kept unchanged by convert" % len(report.passthrough)))
+    rows.append(("layout", report.layout))
     if report.container:
         rows.append(("weights from", "'%s'%s" % (report.container, (
-            " (also in the file: %s)" % ", ".join(report.other_containers)) if report.other_containers else "")))
+            " (also in the file: %s; the other with --%s)" % (", ".join(report.other_containers),
+                                                               "no-ema" if ema else "ema"))
+            if report.other_containers else "")))
     if report.stripped_prefix:
         rows.append(("stripped prefix", report.stripped_prefix))
-    if report.alternatives:
-        rows.append(("also matches", ", ".join(c.architecture for c in report.alternatives[:5])
-                     + (" and %d more" % (len(report.alternatives) - 5) if len(report.alternatives) > 5 else "")))
-    rows.append(("loads as-is in timm %s" % report.installed_timm,
-                 "yes" if report.loads_as_is else "no: %s" % report.as_is_problem))
     for k, v in rows:
         table.add_row(k, v)
     _console().print(table)
@@ -136,11 +167,13 @@ def inspect(file: Path, ema: bool, python: str | None, as_json: bool) -> None:
 @click.argument("file", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the safetensors file. Default: NAME.timm-VERSION.safetensors in the current folder.")
-@click.option("--model", metavar="NAME", help="Build this model in the target instead of the identified one.")
+@model_option
+@prefix_option
 @ema_option
 @python_option
 @json_option
-def convert(file: Path, output: Path | None, model: str | None, ema: bool, python: str | None, as_json: bool) -> None:
+def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[str, ...], ema: bool,
+            python: str | None, as_json: bool) -> None:
     """Write FILE as safetensors that load strictly in the target timm.
 
     The target is the timm of --python (default: the one beside cachectl). Upgrades and
@@ -148,17 +181,24 @@ def convert(file: Path, output: Path | None, model: str | None, ema: bool, pytho
     the target's own model before it is written. The output's metadata records the
     source sha256, the source and target releases, the model and every step.
 
+    A timm model inside a larger one (backbone., pretrained.model., a teacher and a
+    student) is converted in place: its keys only, every other key written back unchanged
+    under its own name, so the wrapper loads the output strictly. Look-alikes that may
+    compute differently are not guessed between: --model says which it is.
+
     \b
     Examples:
       cachectl convert swin_tiny_06.pth -o swin_tiny.safetensors
       cachectl convert levit_128.safetensors --python /envs/old/bin/python --json
+      cachectl convert model_best.pth --model swinv2_tiny_window8_256
+      cachectl convert upernet_swin_t.pth --prefix backbone.
     """
     from .convert import convert as run
     from .target import Target
 
     try:
         with Target(python) as target:
-            result = run(file, output, target, model=model, ema=ema)
+            result = run(file, output, target, model=model, ema=ema, prefixes=prefixes or None)
     except CachectlError as exc:
         raise _fail(exc)
     if as_json:
@@ -169,17 +209,35 @@ def convert(file: Path, output: Path | None, model: str | None, ema: bool, pytho
             "source_sha256": result.source_sha256,
             "source_timm_versions": list(result.source_timm_versions),
             "source_architecture": result.tag.best.architecture,
-            "confidence": result.tag.best.confidence,
+            "confidence": result.tag.confidence,
+            "chosen_by": result.tag.chosen_by,
+            "container": result.container,
+            "other_containers": list(result.other_containers),
             "target_timm": result.target_timm,
             "steps": list(result.steps),
             "size": result.size,
+            "prefixes": [p.prefix for p in result.parts],
+            "passthrough": result.passthrough,
+            "parts": [{"prefix": p.prefix, "model": {"name": p.model.name, "kwargs": dict(p.model.kwargs)},
+                       "source_architecture": p.tag.best.architecture,
+                       "source_timm_versions": list(p.tag.best.timm_versions)} for p in result.parts],
         })
         return
     console = _console()
     console.print("wrote [bold]%s[/bold] (%s) for timm %s" % (result.output, _size(result.size), result.target_timm))
-    kwargs = "".join(", %s=%r" % kv for kv in result.model.kwargs.items())
-    console.print("load it with: model = timm.create_model(%r%s); model.load_state_dict(safetensors.torch.load_file(%r))"
-                  % (result.model.name, kwargs, str(result.output)))
+    if result.container:
+        console.print("weights from '%s'%s" % (result.container, " (not %s: pass --%s for it)" % (
+            ", ".join(result.other_containers), "no-ema" if ema else "ema") if result.other_containers else ""))
+    if result.parts:
+        for p in result.parts:
+            kwargs = "".join(", %s=%r" % kv for kv in p.model.kwargs.items())
+            console.print("under %s: timm.create_model(%r%s)" % (p.prefix, p.model.name, kwargs))
+        console.print("%d other keys kept unchanged: load it into the wrapper model with load_state_dict(..., strict=True)"
+                      % result.passthrough)
+    else:
+        kwargs = "".join(", %s=%r" % kv for kv in result.model.kwargs.items())
+        console.print("load it with: model = timm.create_model(%r%s); model.load_state_dict(safetensors.torch.load_file(%r))"
+                      % (result.model.name, kwargs, str(result.output)))
     for step in result.steps:
         console.print("  - %s" % step)
 
@@ -190,9 +248,12 @@ def convert(file: Path, output: Path | None, model: str | None, ema: bool, pytho
 @main.command()
 @click.argument("file", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", help="The name to store it under. Default: the file name without suffixes.")
+@model_option
+@prefix_option
 @json_option
 @click.pass_context
-def add(ctx: click.Context, file: Path, name: str | None, as_json: bool) -> None:
+def add(ctx: click.Context, file: Path, name: str | None, model: str | None, prefixes: tuple[str, ...],
+        as_json: bool) -> None:
     """Store FILE as a new version of its name and convert it for every environment.
 
     The file is copied into the cache (its folder is never written to); the same bytes
@@ -202,6 +263,7 @@ def add(ctx: click.Context, file: Path, name: str | None, as_json: bool) -> None
     Examples:
       cachectl add /shared/weights/swin_tiny_06.pth --name swin_tiny
       cachectl add ~/hub/models--timm--resnet50.a1_in1k/snapshots/abc
+      cachectl add model_best.pth --name cars --model swinv2_tiny_window8_256
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
@@ -209,7 +271,8 @@ def add(ctx: click.Context, file: Path, name: str | None, as_json: bool) -> None
         with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
                                             transient=True, disable=as_json) as bar:
             task = bar.add_task("reading %s" % file.name)
-            result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env))
+            result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env),
+                               model=model, prefixes=prefixes)
     except CachectlError as exc:
         raise _fail(exc)
     if as_json:
@@ -270,6 +333,9 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
     console = _console()
     console.print(table if rows else "the cache is empty: add a file with cachectl add FILE")
     for r in rows:
+        if r.served:
+            console.print("%s serves %s" % (r.ref, ", ".join(r.served)))
+    for r in rows:
         if r.error:
             console.print("[red]%s[/red]: %s" % (r.ref, r.error))
 
@@ -293,6 +359,8 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     console.print("[bold]%s[/bold]  from %s" % (info["version"], info["origin"]))
     console.print("  sha256 %s, %s, %s" % (src.get("sha256"), _size(src.get("size") or 0), src.get("format")))
     console.print("  %s, made by timm %s (%s)" % (src.get("architecture"), ", ".join(src.get("timm_versions") or []), src.get("confidence")))
+    for served in info["served"]:
+        console.print("  served as %s (pretrained=True with cachectl env activate)" % served)
     for env, e in sorted(info["environments"].items()):
         if e["error"]:
             console.print("  %s (timm %s): [red]failed[/red]: %s" % (env, e["timm"], e["error"]))
@@ -509,6 +577,169 @@ def env_refresh(ctx: click.Context, name: str) -> None:
         click.echo("%s: timm %s, unchanged" % (name, new.timm))
     else:
         click.echo("%s: timm %s -> %s, converted what it needs" % (name, old.timm, new.timm))
+
+
+@env.command(name="activate")
+@click.argument("name")
+@click.option("--shell", type=click.Choice(["sh", "fish", "csh"]), default="sh", show_default=True,
+              help="The syntax of the lines printed.")
+@click.pass_context
+def env_activate(ctx: click.Context, name: str, shell: str) -> None:
+    """Print the variables that make NAME's own timm load the cache's files, offline.
+
+    With them, unmodified code (`timm.create_model("resnet50.a1_in1k", pretrained=True)`,
+    or `create_model("hf-hub:timm/...")`) loads the weights converted for NAME's timm from
+    its view, and neither huggingface_hub nor torch.hub tries the network. Nothing of
+    cachectl needs to be installed in NAME itself.
+
+    \b
+    Examples:
+      eval "$(cachectl env activate prod)"
+      cachectl env activate prod >> "$CONDA_PREFIX/etc/conda/activate.d/cachectl.sh"
+    """
+    import shlex
+
+    from . import views
+
+    try:
+        with _cache(ctx) as cache:
+            cache.env(name)
+            variables = views.variables(cache.store, name)
+    except CachectlError as exc:
+        raise _fail(exc)
+    for key, value in variables.items():
+        if shell == "fish":
+            click.echo("set -gx %s %s;" % (key, shlex.quote(value)))
+        elif shell == "csh":
+            click.echo("setenv %s %s;" % (key, shlex.quote(value)))
+        else:
+            click.echo("export %s=%s" % (key, shlex.quote(value)))
+
+
+@main.command()
+@click.argument("ref", metavar="NAME[@VERSION]")
+@click.option("--as", "as_name", required=True, metavar="ARCH.TAG",
+              help="The pretrained name to serve it as: ARCH.TAG, or a hub repo id ORG/NAME.")
+@click.option("--env", help="Only in this environment's view. Default: every environment.")
+@json_option
+@click.pass_context
+def publish(ctx: click.Context, ref: str, as_name: str, env: str | None, as_json: bool) -> None:
+    """Serve NAME in the views as the pretrained model ARCH.TAG, for unmodified timm code.
+
+    Without @VERSION the view follows NAME's pin, else its newest version. A checkpoint
+    whose file or hub repo already names a pretrained model is served without this.
+    A fine-tuned head (its own num_classes) needs a tag of its own, loaded with
+    `create_model("hf-hub:timm/ARCH.TAG")`, whose config.json carries its classes.
+
+    \b
+    Examples:
+      cachectl publish swin_ft --as swin_tiny_patch4_window7_224.ms_in1k
+      cachectl publish resnet50_cars@3 --as resnet50.cars196 --env prod
+    """
+    try:
+        with _cache(ctx) as cache:
+            cache.publish(ref, as_name, env)
+            plans = cache.refresh_views([env] if env else None)
+    except CachectlError as exc:
+        raise _fail(exc)
+    _print_views([p.to_json() for p in plans], as_json, only=as_name)
+
+
+@main.command()
+@click.argument("as_name", metavar="ARCH.TAG")
+@click.option("--env", help="Only this environment's publication. Default: all of them.")
+@click.pass_context
+def unpublish(ctx: click.Context, as_name: str, env: str | None) -> None:
+    """Stop serving what `publish --as ARCH.TAG` made the views serve."""
+    try:
+        with _cache(ctx) as cache:
+            gone = cache.unpublish(as_name, env)
+            cache.refresh_views(sorted({p.env for p in gone if p.env}) if all(p.env for p in gone) else None)
+    except CachectlError as exc:
+        raise _fail(exc)
+    click.echo("%s is no longer published%s" % (as_name, " in %s" % env if env else ""))
+
+
+@main.group()
+def views() -> None:
+    """Views: per environment, the hub and torch.hub caches its unmodified timm reads."""
+
+
+def _print_views(plans: list[dict], as_json: bool, only: str | None = None) -> None:
+    """`plans`: view.json contents (views.ViewPlan.to_json), one per environment."""
+    from rich.markup import escape
+
+    if as_json:
+        _emit_json({p["env"]: p for p in plans})
+        return
+    console = _console()
+    for p in plans:
+        served = [s for s in p["served"] if only is None or s["pretrained"] == only or only in s["how"]]
+        skipped = [s for s in p["skipped"] if only is None or s["pretrained"] == only]
+        console.print("[bold]%s[/bold] (timm %s): serves %d" % (p["env"], p["timm"], len(served)))
+        for s in served:
+            where = "hub %s" % s["hub_repo"] if s["hub_repo"] else "torch.hub %s" % s["checkpoint"]
+            console.print("  %s <- %s (%s; %s)" % (escape(s["pretrained"]), escape(s["version"]), where, escape(s["how"])))
+        for s in skipped:
+            console.print("  [yellow]not served[/yellow] %s <- %s: %s" % (
+                escape(s["pretrained"]), escape(s["version"]), escape(s["reason"])))
+
+
+@views.command(name="list")
+@click.option("--env", help="Only this environment.")
+@json_option
+@click.pass_context
+def views_list(ctx: click.Context, env: str | None, as_json: bool) -> None:
+    """What each environment's view serves, and what it could not serve and why."""
+    from . import views as views_
+
+    try:
+        with _cache(ctx) as cache:
+            names = [cache.env(env).name] if env else [e.name for e in cache.environments()]
+            plans = [views_.read(cache.store, n) or {"env": n, "timm": cache.env(n).timm, "served": [], "skipped": []}
+                     for n in names]
+    except CachectlError as exc:
+        raise _fail(exc)
+    _print_views(plans, as_json)
+
+
+@views.command(name="refresh")
+@click.option("--env", help="Only this environment.")
+@json_option
+@click.pass_context
+def views_refresh(ctx: click.Context, env: str | None, as_json: bool) -> None:
+    """Rebuild the views now (the daemon and every command that changes them do it too)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    try:
+        with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                            transient=True, disable=as_json) as bar:
+            task = bar.add_task("reading the views")
+            plans = cache.refresh_views([cache.env(env).name] if env else None,
+                                        progress=lambda what: bar.update(task, description="converting %s" % what))
+    except CachectlError as exc:
+        raise _fail(exc)
+    _print_views([p.to_json() for p in plans], as_json)
+
+
+@views.command(name="verify")
+@click.option("--env", help="Only this environment.")
+@click.pass_context
+def views_verify(ctx: click.Context, env: str | None) -> None:
+    """Check that every link of the views resolves and every served file loads strictly.
+
+    Exits 1 and lists the problems, if there are any.
+    """
+    try:
+        with _cache(ctx) as cache:
+            problems = cache.verify_views([cache.env(env).name] if env else None)
+    except CachectlError as exc:
+        raise _fail(exc)
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise click.ClickException("%d problems found" % len(problems))
+    click.echo("all views good")
 
 
 # -- the daemon --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ buffers it does save from a fresh target model.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ from . import __version__, migrations
 from .catalog import Catalog, Fingerprint, version_key
 from .catalog import same_math as fingerprints_agree
 from .errors import NoPlanError, TargetError
-from .identify import Tag, identify
-from .layout import Layout
+from .identify import Tag, find, math_agrees, part_of
+from .layout import Layout, layout_id
 from .reader import Checkpoint, read
 from .safetensors_io import write
 from .store import sha256_file
@@ -62,6 +63,16 @@ class Mismatch:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One timm model converted inside a larger state dict (a wrapped checkpoint)."""
+
+    prefix: str  # its keys' prefix, the same in the source and the output
+    tag: Tag
+    model: ModelChoice
+    steps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Conversion:
     source: Path
     output: Path
@@ -72,6 +83,10 @@ class Conversion:
     steps: tuple[str, ...]
     tag: Tag = field(compare=False)
     size: int = 0
+    container: str | None = None  # where in the file the weights were, e.g. state_dict_ema
+    other_containers: tuple[str, ...] = ()
+    parts: tuple[Part, ...] = ()  # a wrapped checkpoint: each timm model in it
+    passthrough: int = 0  # keys outside every timm model, written back unchanged
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,27 @@ def target_model(tag: Tag, ckpt: Checkpoint, target: Target, catalog: Catalog, o
     if best.num_classes is not None:
         kwargs["num_classes"] = best.num_classes
     return ModelChoice(resolved, kwargs)
+
+
+def _model_choices(tag: Tag, ckpt: Checkpoint, target: Target, catalog: Catalog, override: str | None):
+    """The models to try in the target, best first: the identified one, then (without
+    --model) the look-alikes that compute the same, for when timm's deprecation table
+    maps a name to a model of another layout (ig_resnext101_32x16d -> resnext101_32x8d)."""
+    first_error = None
+    seen = set()
+    ranked = [tag.best] + ([] if override else [
+        c for c in tag.alternatives if c.score == tag.best.score and math_agrees(catalog, tag.best, c)])
+    for candidate in ranked:
+        try:
+            choice = target_model(dataclasses.replace(tag, best=candidate), ckpt, target, catalog, override)
+        except NoPlanError as exc:
+            first_error = first_error or exc
+            continue
+        if choice.name not in seen:
+            seen.add(choice.name)
+            yield choice
+    if not seen and first_error:
+        raise first_error
 
 
 def _name_candidates(arch: str, ckpt: Checkpoint, catalog: Catalog) -> list[str]:
@@ -313,6 +349,8 @@ class Prepared:
     target_layout: str  # layout id of the target model: outputs with equal ids are interchangeable
     target_timm: str
     attempt: _Attempt = field(repr=False)
+    parts: tuple[Part, ...] = ()  # a wrapped checkpoint: each timm model in it, converted
+    passthrough: tuple[str, ...] = ()  # its other keys, written back unchanged
 
 
 def prepare(
@@ -321,13 +359,71 @@ def prepare(
     *,
     catalog: Catalog | None = None,
     model: str | None = None,
-    ema: bool = False,
+    ema: bool = True,
+    prefixes: tuple[str, ...] | None = None,
 ) -> Prepared:
-    """Read, identify and plan; the result passed the strict check against the target."""
+    """Read, identify and plan; the result passed the strict check against the target.
+
+    A timm model inside a larger one (`backbone.`, `pretrained.model.`, several) is found
+    under its prefix, or where `prefixes` say; only its keys are converted, each checked
+    strictly against its target model, and every other key is written back unchanged.
+    Look-alikes that may compute differently are refused unless `model` names one.
+    """
     catalog = catalog or Catalog.load()
     ckpt = source if isinstance(source, Checkpoint) else read(source, ema=ema)
-    tag = identify(ckpt, catalog)
-    choice = target_model(tag, ckpt, target, catalog, model)
+    found = find(ckpt, catalog, model=model, prefixes=prefixes)
+    for tag in found.tags:
+        tag.refuse_if_ambiguous(ckpt.path)
+    timm_version = target.info().timm
+    if not found.wrapped:
+        tag = found.tags[0]
+        choice, spec, attempt = _prepare_model(ckpt, tag, target, catalog, model)
+        return Prepared(ckpt, tag, choice, spec.layout.layout_id, timm_version, attempt)
+    return _prepare_wrapped(ckpt, found.tags, found.passthrough, target, catalog, model)
+
+
+def _prepare_wrapped(ckpt: Checkpoint, tags, passthrough: tuple[str, ...], target: Target, catalog: Catalog,
+                     model: str | None) -> Prepared:
+    """Each timm model converted under its prefix; every other key kept as it is, by name."""
+    outer = ckpt.stripped_prefix  # written back: the wrapper's keys keep the file's names
+    state: dict[str, torch.Tensor] = {}
+    expected: list[tuple[str, tuple[int, ...]]] = []
+    parts, steps = [], []
+    for tag in tags:
+        choice, spec, attempt = _prepare_model(part_of(ckpt, tag.prefix), tag, target, catalog, model)
+        prefix = outer + tag.prefix
+        state.update((prefix + k, v) for k, v in attempt.state.items())
+        expected += [(prefix + k, s.shape) for k, s in spec.layout.tensors]
+        parts.append(Part(prefix, tag, choice, attempt.steps))
+        steps += ["under %s: %s" % (prefix, step) for step in attempt.steps]
+    specs = ckpt.layout.specs
+    for key in passthrough:
+        if outer + key in state:
+            raise NoPlanError(ckpt.path, "converting %s would overwrite its key %s" % (
+                ", ".join(p.prefix for p in parts), outer + key), "Say where the timm model is with --prefix.")
+        state[outer + key] = ckpt.tensors[key]
+        expected.append((outer + key, specs[key].shape))
+    steps.append("pass %d keys outside %s through unchanged" % (len(passthrough), ", ".join(p.prefix for p in parts)))
+    attempt = _Attempt("wrapped", tuple(steps), state, Mismatch((), (), ()))
+    first = parts[0]
+    return Prepared(ckpt, first.tag, first.model, layout_id(expected), target.info().timm, attempt,
+                    tuple(parts), passthrough)
+
+
+def _prepare_model(ckpt: Checkpoint, tag: Tag, target: Target, catalog: Catalog,
+                   model: str | None) -> tuple[ModelChoice, ModelSpec, _Attempt]:
+    """The first model to build in the target that the file converts into, strictly."""
+    first_error = None
+    for choice in _model_choices(tag, ckpt, target, catalog, model):
+        try:
+            return _prepare_choice(ckpt, tag, choice, target, catalog)
+        except NoPlanError as exc:
+            first_error = first_error or exc
+    raise first_error
+
+
+def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Target,
+                    catalog: Catalog) -> tuple[ModelChoice, ModelSpec, _Attempt]:
     spec = target.describe(choice.name, choice.kwargs)
     extra = migrations.kwargs_for(spec.family, ckpt.tensors, spec.layout.keys)
     if extra:
@@ -342,7 +438,7 @@ def prepare(
     math = _refuse_math_changes(ckpt, tag, spec, target.info().timm, catalog)
     attempt = plan(ckpt, spec, target)
     attempt = _Attempt(attempt.name, attempt.steps + (math,), attempt.state, attempt.mismatch)
-    return Prepared(ckpt, tag, choice, spec.layout.layout_id, target.info().timm, attempt)
+    return choice, spec, attempt
 
 
 def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None) -> Conversion:
@@ -359,6 +455,11 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
         "cachectl.model_kwargs": _json(choice.kwargs),
         "cachectl.steps": _json(list(prepared.attempt.steps)),
     }
+    if ckpt.container:
+        metadata["cachectl.source_container"] = ckpt.container
+    if prepared.parts:
+        metadata["cachectl.parts"] = _json([_part_json(p) for p in prepared.parts])
+        metadata["cachectl.passthrough"] = str(len(prepared.passthrough))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         if source_sha256 is None:
             # hash the source on the other core while the output is written
@@ -372,7 +473,15 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
     return Conversion(
         source=ckpt.path, output=output, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
         target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=size,
+        container=ckpt.container, other_containers=ckpt.other_containers, parts=prepared.parts,
+        passthrough=len(prepared.passthrough),
     )
+
+
+def _part_json(part: Part) -> dict:
+    return {"prefix": part.prefix, "model": part.model.name, "kwargs": dict(part.model.kwargs),
+            "source_architecture": part.tag.best.architecture,
+            "source_timm_versions": list(part.tag.best.timm_versions)}
 
 
 def convert(
@@ -382,9 +491,10 @@ def convert(
     *,
     catalog: Catalog | None = None,
     model: str | None = None,
-    ema: bool = False,
+    ema: bool = True,
+    prefixes: tuple[str, ...] | None = None,
 ) -> Conversion:
-    prepared = prepare(source, target, catalog=catalog, model=model, ema=ema)
+    prepared = prepare(source, target, catalog=catalog, model=model, ema=ema, prefixes=prefixes)
     out = Path(output) if output else _default_output(prepared.ckpt, prepared.target_timm)
     return write_prepared(prepared, out)
 

@@ -33,6 +33,7 @@ from .errors import CachectlError
 FORMAT = 1
 TMP_SUFFIX = ".tmp"
 CONVERTED_SUFFIX = ".safetensors"
+TORCH_SUFFIX = ".pth"  # timm before 0.9 reads pretrained weights with torch.load only
 CHUNK = 8 * 1024 * 1024
 # A soft lock (CACHECTL_LOCKS=soft) whose holder died is broken after this long:
 # longer than any one conversion.
@@ -51,6 +52,8 @@ class Source:
     confidence: str | None = None
     num_classes: int | None = None
     error: str | None = None  # why it could not be read or identified
+    model: str | None = None  # what the user said the file is (`add --model`), if anything
+    prefixes: tuple[str, ...] = ()  # where the user said its timm models are (`add --prefix`)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Converted:
     size: int
     created: float
     steps: tuple[str, ...] = ()
+    torch_sha256: str | None = None  # a torch-format copy, made for views of timm before 0.9
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,17 @@ class Environment:
     timm: str
     torch: str
     probed: float
+    hub: bool = True  # its timm can import its huggingface_hub (timm reads the hub cache through it)
+
+
+@dataclass(frozen=True)
+class Publication:
+    """`name` (at `version`, else its pin or newest) serves the pretrained name `as_name`."""
+
+    name: str
+    as_name: str  # arch.tag, an old untagged name, or a hub repo id
+    version: int | None = None
+    env: str | None = None  # None: every environment
 
 
 def sha256_file(path: Path) -> str:
@@ -126,6 +141,7 @@ class Store:
         self.pins = self.root / "pins"
         self.locks = self.root / "locks"
         self.inbox = self.root / "inbox"
+        self.publications = self.root / "publications.json"
 
     def init(self) -> "Store":
         for d in (self.blobs, self.sources, self.converted, self.names, self.links, self.envs, self.pins, self.locks):
@@ -190,6 +206,9 @@ class Store:
 
     def converted_path(self, c: "Converted") -> Path:
         return self.blob_path(c.sha256, CONVERTED_SUFFIX)
+
+    def torch_path(self, c: "Converted") -> Path | None:
+        return self.blob_path(c.torch_sha256, TORCH_SUFFIX) if c.torch_sha256 else None
 
     def ingest_file(self, path: Path) -> tuple[str, int]:
         """Copy `path` into the blobs, hashing as it goes; (sha256, size). Same bytes: no copy."""
@@ -309,6 +328,13 @@ class Store:
         (self.pins / ("%s.json" % name)).unlink(missing_ok=True)
         shutil.rmtree(self.links / name, ignore_errors=True)
 
+    def all_publications(self) -> list[Publication]:
+        raw = self.read_json(self.publications) or {"publications": []}
+        return [Publication(**p) for p in raw["publications"]]
+
+    def put_publications(self, publications: list[Publication]) -> None:
+        self.write_json(self.publications, {"format": FORMAT, "publications": [asdict(p) for p in publications]})
+
     def pins_of(self, env: str) -> dict[str, int]:
         return self.read_json(self.pins / ("%s.json" % env)) or {}
 
@@ -343,6 +369,7 @@ class Store:
 def _source(raw: dict) -> Source:
     raw = {k: v for k, v in raw.items() if k != "format"}
     raw["timm_versions"] = tuple(raw.get("timm_versions") or ())
+    raw["prefixes"] = tuple(raw.get("prefixes") or ())
     return Source(**raw)
 
 

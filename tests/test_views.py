@@ -22,6 +22,8 @@ from cachectl.cli import main
 from conftest import ATOL, make_checkpoint, python_for, run_in
 from tools.timm_releases import RELEASES_DIR, release_dir
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 SCRIPT = Path(__file__).resolve().parent / "pretrained_script.py"
 # timm 0.9 reads the hub only through a huggingface_hub it can import; the venv's is too new
 OLD_HUB = "0.20.3"
@@ -282,5 +284,9 @@ def test_the_daemon_keeps_views_current_while_a_reader_loads_in_a_loop(root, tmp
         assert not failures, failures[:3]
         assert all(any(same(r, ref) for ref in refs) for r in loads)
         assert same(loads[-1], refs[-1])
+
+        # a pin moves what pretrained=True loads; prune kept version 1, which a view linked moments ago
+        cli("pin", "LeViT-128S-96703c44@1", "--env", "default")
+        assert same(pretrained(Path(sys.executable), "default", "levit_128s.fb_dist_in1k", tmp_path), refs[0])
     finally:
         daemon.stop()
