@@ -212,13 +212,17 @@ class Cache:
         name = name or name_from_path(path)
         ckpt = read(path)  # unreadable files are refused before anything is stored
         sha, size = self.store.ingest_file(ckpt.weights)
-        source = self.store.get_source(sha)
-        said = (model, tuple(prefixes))
-        changed = source is not None and (model or prefixes) and said != (source.model, source.prefixes)
-        if source is None or changed:
-            source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes))
-            self.store.put_source(source)
-        version, is_new = self._new_version(name, sha, str(path.absolute()))
+        # prune takes this lock to delete a source: held from here until a version names it
+        with self.store.lock("source:" + sha):
+            if not self.store.blob_path(sha).exists():  # a prune took the bytes since: again
+                self.store.ingest_file(ckpt.weights)
+            source = self.store.get_source(sha)
+            said = (model, tuple(prefixes))
+            changed = source is not None and (model or prefixes) and said != (source.model, source.prefixes)
+            if source is None or changed:
+                source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes))
+                self.store.put_source(source)
+            version, is_new = self._new_version(name, sha, str(path.absolute()))
         links = []
         for env in self.environments():
             if progress:
@@ -254,6 +258,9 @@ class Cache:
     def convert_for(self, sha: str, env: Environment, ckpt: Checkpoint | None = None, again: bool = False) -> Link:
         """The link from `env` to its converted copy of source `sha`, converting at most once
         (`again`: once more, after the user said anew what the source is)."""
+        link = self.store.get_link(env.name, sha)
+        if not again and link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
+            return link  # decided already: no lock, so readers without write access get it too
         with self.store.lock("convert:%s:%s" % (sha, env.name)):
             link = self.store.get_link(env.name, sha)
             if not again and link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
@@ -382,7 +389,7 @@ class Cache:
                 elif link.converted in converted:
                     have.append(e.name)
             error = s.error if s and s.error else ("; ".join(errors) or None)
-            state = "failed" if error else ("converting" if waiting else "ready")
+            state = "failed" if error else (self._waiting_state(v.source, envs) if waiting else "ready")
             rows.append(Row(
                 name=v.name, version=v.version, architecture=s.architecture if s else None,
                 timm_versions=s.timm_versions if s else (), size=(s.size if s else 0) + sizes.get(v.source, 0),
@@ -392,6 +399,15 @@ class Cache:
             ))
         rows.sort(key=lambda r: (r.name, r.version))
         return rows
+
+    def _waiting_state(self, sha: str, envs: list[Environment]) -> str:
+        """`converting` while a process holds a conversion of `sha`; else `pending`: it
+        converts when first asked for (path, load_state_dict) or by the daemon."""
+        try:
+            busy = any(self.store.is_locked("convert:%s:%s" % (sha, e.name)) for e in envs)
+        except OSError:  # a reader without write access cannot probe locks
+            return "pending"
+        return "converting" if busy else "pending"
 
     def _served_by_version(self, envs: list[str]) -> dict[str, list[str]]:
         from . import views

@@ -1,6 +1,7 @@
 """The `cachectl` command: parse, call the library, format. Nothing else lives here."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -12,15 +13,37 @@ from rich.table import Table
 from . import __version__
 from .errors import CachectlError
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CACHECTL", "max_content_width": 100}
+# Only the variables the help names are read (--root's CACHECTL_ROOT): no option turns
+# into an undocumented one, and none skips a confirmation.
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns what a user can act on into one line and a non-zero exit, for every command."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CachectlError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in _USER_ERRNOS:
+                raise  # a bug: its traceback is the report
+            where = exc.filename or "the cache"
+            raise click.ClickException("%s: %s. %s" % (where, exc.strerror, _USER_ERRNOS[exc.errno])) from None
+
+
+_USER_ERRNOS = {
+    errno.ENOSPC: "Free space on that disk (cachectl prune frees the cache's), then try again.",
+    errno.EDQUOT: "Free space within your quota (cachectl prune frees the cache's), then try again.",
+    errno.EACCES: "Ask whoever runs the cache's daemon for access, or use a cache of your own with --root.",
+    errno.EPERM: "Ask whoever runs the cache's daemon for access, or use a cache of your own with --root.",
+    errno.EROFS: "That filesystem is read-only here: use a cache on a writable one with --root.",
+}
 
 
 def _emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))
-
-
-def _fail(exc: CachectlError) -> click.ClickException:
-    return click.ClickException(str(exc))
 
 
 def _console() -> Console:
@@ -57,7 +80,7 @@ prefix_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="cachectl")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar="CACHECTL_ROOT",
               help="The cache's folder. Default: the platform's user data folder ($CACHECTL_ROOT).")
@@ -112,11 +135,8 @@ def inspect(file: Path, ema: bool, model: str | None, prefixes: tuple[str, ...],
     from .inspection import inspect_file
     from .target import Target
 
-    try:
-        with Target(python) as target:
-            report = inspect_file(file, target, ema=ema, model=model, prefixes=prefixes or None)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with Target(python) as target:
+        report = inspect_file(file, target, ema=ema, model=model, prefixes=prefixes or None)
     if as_json:
         _emit_json(report.to_json())
         return
@@ -196,11 +216,8 @@ def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[
     from .convert import convert as run
     from .target import Target
 
-    try:
-        with Target(python) as target:
-            result = run(file, output, target, model=model, ema=ema, prefixes=prefixes or None)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with Target(python) as target:
+        result = run(file, output, target, model=model, ema=ema, prefixes=prefixes or None)
     if as_json:
         _emit_json({
             "output": str(result.output),
@@ -267,14 +284,11 @@ def add(ctx: click.Context, file: Path, name: str | None, model: str | None, pre
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    try:
-        with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                            transient=True, disable=as_json) as bar:
-            task = bar.add_task("reading %s" % file.name)
-            result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env),
-                               model=model, prefixes=prefixes)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                        transient=True, disable=as_json) as bar:
+        task = bar.add_task("reading %s" % file.name)
+        result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env),
+                           model=model, prefixes=prefixes)
     if as_json:
         _emit_json({
             "name": result.version.name, "version": result.version.ref, "new_version": result.new_version,
@@ -315,11 +329,8 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
       cachectl list
       cachectl list --env timm06 --json | jq '.[] | select(.state == "failed")'
     """
-    try:
-        with _cache(ctx) as cache:
-            rows = cache.rows(env)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        rows = cache.rows(env)
     if as_json:
         _emit_json([r.to_json() for r in rows])
         return
@@ -327,7 +338,8 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
     for col in ("NAME@VERSION", "ARCHITECTURE", "MADE BY TIMM", "SIZE", "READY IN", "PINNED IN", "AGE", "STATE"):
         table.add_column(col, justify="right" if col == "SIZE" else "left")
     for r in rows:
-        state = {"ready": "ready", "converting": "[yellow]converting[/yellow]"}.get(r.state, "[red]failed[/red]")
+        state = {"ready": "ready", "pending": "pending", "converting": "[yellow]converting[/yellow]"}.get(
+            r.state, "[red]failed[/red]")
         table.add_row(r.ref, r.architecture or "?", ", ".join(r.timm_versions) or "?", _size(r.size),
                       ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-", _age(r.created), state)
     console = _console()
@@ -346,11 +358,8 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
 @click.pass_context
 def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Everything about one entry: provenance, conversions per environment, files."""
-    try:
-        with _cache(ctx) as cache:
-            info = cache.show(ref)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        info = cache.show(ref)
     if as_json:
         _emit_json(info)
         return
@@ -374,32 +383,41 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
 @main.command()
 @click.argument("ref", metavar="NAME[@VERSION]")
 @click.option("--env", help="The environment that will load it. Default: default.")
+@json_option
 @click.pass_context
-def path(ctx: click.Context, ref: str, env: str | None) -> None:
+def path(ctx: click.Context, ref: str, env: str | None, as_json: bool) -> None:
     """Print the converted file ENV should load for NAME (its pin, else the newest).
 
     \b
-    Example:
+    Examples:
       python train.py --weights "$(cachectl path swin_tiny --env timm06)"
+      cachectl path swin_tiny --env timm06 --json    # the file and the model to build for it
     """
-    try:
-        with _cache(ctx) as cache:
-            click.echo(str(cache.resolve(ref, env).path))
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        resolved = cache.resolve(ref, env)
+    if as_json:
+        c = resolved.converted
+        _emit_json({"path": str(resolved.path), "version": resolved.version.ref, "env": resolved.env,
+                    "model": {"name": c.model, "kwargs": dict(c.model_kwargs)}, "target_timm": c.target_timm})
+        return
+    click.echo(str(resolved.path))
 
 
 @main.command()
 @click.argument("ref", metavar="NAME[@VERSION]")
 @click.option("--env", required=True, help="The environment to pin in.")
+@json_option
 @click.pass_context
-def pin(ctx: click.Context, ref: str, env: str) -> None:
-    """In ENV, make NAME resolve to VERSION (default: the newest now) until unpinned."""
-    try:
-        with _cache(ctx) as cache:
-            version = cache.pin(ref, env)
-    except CachectlError as exc:
-        raise _fail(exc)
+def pin(ctx: click.Context, ref: str, env: str, as_json: bool) -> None:
+    """In ENV, make NAME resolve to VERSION (default: the newest now) until unpinned.
+
+    ENV's view then serves that version to `pretrained=True`.
+    """
+    with _cache(ctx) as cache:
+        version = cache.pin(ref, env)
+    if as_json:
+        _emit_json({"name": version.name, "version": version.ref, "env": env})
+        return
     click.echo("%s pinned in %s" % (version.ref, env))
 
 
@@ -409,11 +427,8 @@ def pin(ctx: click.Context, ref: str, env: str) -> None:
 @click.pass_context
 def unpin(ctx: click.Context, name: str, env: str) -> None:
     """Let NAME follow its newest version again in ENV."""
-    try:
-        with _cache(ctx) as cache:
-            removed = cache.unpin(name, env)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        removed = cache.unpin(name, env)
     click.echo(("%s unpinned in %s" if removed else "%s was not pinned in %s") % (name, env))
 
 
@@ -423,12 +438,9 @@ def unpin(ctx: click.Context, name: str, env: str) -> None:
 @click.pass_context
 def pins(ctx: click.Context, env: str | None, as_json: bool) -> None:
     """The pins of every environment."""
-    try:
-        with _cache(ctx) as cache:
-            envs = [cache.env(env)] if env else cache.environments()
-            table = {e.name: cache.store.pins_of(e.name) for e in envs}
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        envs = [cache.env(env)] if env else cache.environments()
+        table = {e.name: cache.store.pins_of(e.name) for e in envs}
     if as_json:
         _emit_json(table)
         return
@@ -463,46 +475,101 @@ def prune(ctx: click.Context, dry_run: bool, keep_last: int | None, older_than: 
     """
     from .prune import Policy, parse_age, parse_size, plan
 
-    try:
-        with _cache(ctx) as cache:
-            policy = Policy(keep_last, parse_age(older_than) if older_than else None, parse_size(max_size) if max_size else None)
-            p = plan(cache.store, policy)
-            if as_json:
-                _emit_json({"remove": [v.ref for v in p.versions], "kept": [{"version": r, "why": w} for r, w in p.kept],
-                            "leftovers": [str(x) for x in p.leftovers], "freed": p.freed, "dry_run": dry_run})
-            else:
-                console = _console()
-                for v in p.versions:
-                    console.print("remove %s" % v.ref)
-                for ref, why in p.kept:
-                    console.print("keep   %s (%s)" % (ref, why))
-                if p.leftovers:
-                    console.print("remove %d leftovers of interrupted writes" % len(p.leftovers))
-                console.print("frees %s" % _size(p.freed))
-            if dry_run or not (p.versions or p.blobs or p.leftovers):
-                return
-            if not yes and not click.confirm("Delete these?", default=False):
+    with _cache(ctx) as cache:
+        policy = Policy(keep_last, parse_age(older_than) if older_than else None, parse_size(max_size) if max_size else None)
+        p = plan(cache.store, policy)
+        if as_json:
+            _emit_json({"remove": [v.ref for v in p.versions], "kept": [{"version": r, "why": w} for r, w in p.kept],
+                        "leftovers": [str(x) for x in p.leftovers], "freed": p.freed, "dry_run": dry_run,
+                        "short_of": p.short_of})
+        else:
+            console = _console()
+            for v in p.versions:
+                console.print("remove %s" % v.ref)
+            for ref, why in p.kept:
+                console.print("keep   %s (%s)" % (ref, why))
+            if p.leftovers:
+                console.print("remove %d leftovers of interrupted writes" % len(p.leftovers))
+            console.print("frees %s" % _size(p.freed))
+        if not (dry_run or not (p.versions or p.blobs or p.leftovers)):
+            if not yes and not click.confirm("Delete these?", default=False, err=True):
                 raise click.ClickException("nothing deleted")
             freed = p.execute(cache.store)
-    except CachectlError as exc:
-        raise _fail(exc)
-    if not as_json:
-        click.echo("freed %s" % _size(freed))
+            if not as_json:
+                click.echo("freed %s" % _size(freed))
+    if p.short_of:
+        raise click.ClickException(
+            "the cache stays %s over --max-size %s: what remains is kept (pinned, the newest of its name, "
+            "served by a view or being written; see above). Unpin or rm some of it, or ask for more room"
+            % (_size(p.short_of), max_size))
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True, metavar="NAME[@VERSION]...")
+@click.option("--dry-run", is_flag=True, help="Show what would go and stop.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting.")
+@json_option
+@click.pass_context
+def rm(ctx: click.Context, refs: tuple[str, ...], dry_run: bool, yes: bool, as_json: bool) -> None:
+    """Remove versions (NAME@VERSION) or whole names (NAME), and the files only they use.
+
+    A pinned version is refused (unpin it first). Views stop serving what is removed;
+    a file a view linked moments ago stays until a later prune, for readers on their way.
+
+    \b
+    Examples:
+      cachectl rm swin_tiny@2 --dry-run
+      cachectl rm old_experiment --yes
+    """
+    from .prune import removal
+
+    with _cache(ctx) as cache:
+        versions = []
+        for ref in refs:
+            if "@" in ref:
+                versions.append(cache.find_version(ref))
+            else:
+                versions += cache.store.versions(ref) or [cache.find_version(ref)]  # the latter explains
+        p = removal(cache.store, versions)
+        if as_json:
+            _emit_json({"remove": [v.ref for v in p.versions], "kept": [{"file": f, "why": w} for f, w in p.kept],
+                        "freed": p.freed, "dry_run": dry_run})
+        else:
+            console = _console()
+            for v in p.versions:
+                console.print("remove %s" % v.ref, markup=False)
+            for f, why in p.kept:
+                console.print("keep   %s (%s; cachectl prune removes it later)" % (f, why), markup=False)
+            console.print("frees %s" % _size(p.freed))
+        if dry_run:
+            return
+        if not yes and not click.confirm("Delete these?", default=False, err=True):
+            raise click.ClickException("nothing deleted")
+        p.execute(cache.store)
+        cache.refresh_views()
 
 
 @main.command()
 @click.argument("refs", nargs=-1, metavar="[NAME[@VERSION]]...")
+@json_option
 @click.pass_context
-def verify(ctx: click.Context, refs: tuple[str, ...]) -> None:
+def verify(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
     """Re-hash blobs and re-check converted files strictly against each environment's model.
 
     Works offline. Exits 1 and lists what is damaged, if anything is.
     """
-    try:
-        with _cache(ctx) as cache:
-            problems = cache.verify(list(refs) or None)
-    except CachectlError as exc:
-        raise _fail(exc)
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
+                                        disable=as_json, console=Console(stderr=True)) as bar:
+        task = bar.add_task("verifying")
+        problems = cache.verify(list(refs) or None,
+                                progress=lambda sha: bar.update(task, description="re-hashing %s" % sha[:12]))
+    if as_json:
+        _emit_json({"ok": not problems, "problems": problems})
+        if problems:
+            sys.exit(1)
+        return
     for p in problems:
         click.echo(p, err=True)
     if problems:
@@ -521,11 +588,8 @@ def env() -> None:
 @click.pass_context
 def env_add(ctx: click.Context, name: str, python: str) -> None:
     """Register NAME, run by PY; what is already cached converts for it on first use."""
-    try:
-        with _cache(ctx) as cache:
-            e = cache.env_add(name, python)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        e = cache.env_add(name, python)
     click.echo("%s: timm %s, torch %s (%s)" % (e.name, e.timm, e.torch, e.python))
 
 
@@ -534,11 +598,8 @@ def env_add(ctx: click.Context, name: str, python: str) -> None:
 @click.pass_context
 def env_list(ctx: click.Context, as_json: bool) -> None:
     """The registered environments and the timm each runs."""
-    try:
-        with _cache(ctx) as cache:
-            envs = cache.environments()
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        envs = cache.environments()
     if as_json:
         _emit_json([{"name": e.name, "python": e.python, "timm": e.timm, "torch": e.torch, "probed": e.probed} for e in envs])
         return
@@ -555,11 +616,8 @@ def env_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def env_rm(ctx: click.Context, name: str) -> None:
     """Forget NAME and its pins (converted files stay until pruned)."""
-    try:
-        with _cache(ctx) as cache:
-            cache.env_rm(name)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        cache.env_rm(name)
     click.echo("removed %s" % name)
 
 
@@ -568,11 +626,8 @@ def env_rm(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def env_refresh(ctx: click.Context, name: str) -> None:
     """Re-probe NAME's timm; if it changed, convert what its names need for the new one."""
-    try:
-        with _cache(ctx) as cache:
-            old, new = cache.env_refresh(name, progress=lambda sha: click.echo("converting %s" % sha[:12], err=True))
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        old, new = cache.env_refresh(name, progress=lambda sha: click.echo("converting %s" % sha[:12], err=True))
     if old.timm == new.timm:
         click.echo("%s: timm %s, unchanged" % (name, new.timm))
     else:
@@ -601,12 +656,9 @@ def env_activate(ctx: click.Context, name: str, shell: str) -> None:
 
     from . import views
 
-    try:
-        with _cache(ctx) as cache:
-            cache.env(name)
-            variables = views.variables(cache.store, name)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        cache.env(name)
+        variables = views.variables(cache.store, name)
     for key, value in variables.items():
         if shell == "fish":
             click.echo("set -gx %s %s;" % (key, shlex.quote(value)))
@@ -636,12 +688,9 @@ def publish(ctx: click.Context, ref: str, as_name: str, env: str | None, as_json
       cachectl publish swin_ft --as swin_tiny_patch4_window7_224.ms_in1k
       cachectl publish resnet50_cars@3 --as resnet50.cars196 --env prod
     """
-    try:
-        with _cache(ctx) as cache:
-            cache.publish(ref, as_name, env)
-            plans = cache.refresh_views([env] if env else None)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        cache.publish(ref, as_name, env)
+        plans = cache.refresh_views([env] if env else None)
     _print_views([p.to_json() for p in plans], as_json, only=as_name)
 
 
@@ -651,12 +700,9 @@ def publish(ctx: click.Context, ref: str, as_name: str, env: str | None, as_json
 @click.pass_context
 def unpublish(ctx: click.Context, as_name: str, env: str | None) -> None:
     """Stop serving what `publish --as ARCH.TAG` made the views serve."""
-    try:
-        with _cache(ctx) as cache:
-            gone = cache.unpublish(as_name, env)
-            cache.refresh_views(sorted({p.env for p in gone if p.env}) if all(p.env for p in gone) else None)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        gone = cache.unpublish(as_name, env)
+        cache.refresh_views(sorted({p.env for p in gone if p.env}) if all(p.env for p in gone) else None)
     click.echo("%s is no longer published%s" % (as_name, " in %s" % env if env else ""))
 
 
@@ -693,13 +739,10 @@ def views_list(ctx: click.Context, env: str | None, as_json: bool) -> None:
     """What each environment's view serves, and what it could not serve and why."""
     from . import views as views_
 
-    try:
-        with _cache(ctx) as cache:
-            names = [cache.env(env).name] if env else [e.name for e in cache.environments()]
-            plans = [views_.read(cache.store, n) or {"env": n, "timm": cache.env(n).timm, "served": [], "skipped": []}
-                     for n in names]
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        names = [cache.env(env).name] if env else [e.name for e in cache.environments()]
+        plans = [views_.read(cache.store, n) or {"env": n, "timm": cache.env(n).timm, "served": [], "skipped": []}
+                 for n in names]
     _print_views(plans, as_json)
 
 
@@ -711,14 +754,11 @@ def views_refresh(ctx: click.Context, env: str | None, as_json: bool) -> None:
     """Rebuild the views now (the daemon and every command that changes them do it too)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    try:
-        with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                            transient=True, disable=as_json) as bar:
-            task = bar.add_task("reading the views")
-            plans = cache.refresh_views([cache.env(env).name] if env else None,
-                                        progress=lambda what: bar.update(task, description="converting %s" % what))
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                        transient=True, disable=as_json) as bar:
+        task = bar.add_task("reading the views")
+        plans = cache.refresh_views([cache.env(env).name] if env else None,
+                                    progress=lambda what: bar.update(task, description="converting %s" % what))
     _print_views([p.to_json() for p in plans], as_json)
 
 
@@ -730,11 +770,8 @@ def views_verify(ctx: click.Context, env: str | None) -> None:
 
     Exits 1 and lists the problems, if there are any.
     """
-    try:
-        with _cache(ctx) as cache:
-            problems = cache.verify_views([cache.env(env).name] if env else None)
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        problems = cache.verify_views([cache.env(env).name] if env else None)
     for p in problems:
         click.echo(p, err=True)
     if problems:
@@ -776,12 +813,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     from cachectld.status import read_status
 
-    try:
-        with _cache(ctx) as cache:
-            st = read_status(cache.store.root)
-            failed = [r for r in cache.rows() if r.state == "failed"]
-    except CachectlError as exc:
-        raise _fail(exc)
+    with _cache(ctx) as cache:
+        st = read_status(cache.store.root)
+        failed = [r for r in cache.rows() if r.state == "failed"]
     running = st is not None and st.running()
     if as_json:
         _emit_json({"running": running, "daemon": st.to_json() if st else None,

@@ -10,8 +10,9 @@ import os
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from .errors import CachectlError
 from .store import Store, Version
@@ -41,20 +42,42 @@ class PrunePlan:
     leftovers: tuple[Path, ...]  # temporaries of interrupted writes
     kept: tuple[tuple[str, str], ...]  # (ref, why) for versions a policy chose but a rule kept
     freed: int
+    # the source each manifest and blob belongs to: deleted only if still unreferenced then
+    owners: Mapping[Path, str] = field(default_factory=dict, compare=False)
+    short_of: int = 0  # bytes over --max-size that no allowed removal could free
 
     def execute(self, store: Store) -> int:
+        """Delete what the plan found, re-checked at the moment of deletion: a version
+        pinned meanwhile stays, and so does a source that a version added meanwhile names."""
+        pinned = {(n, v) for pins in store.all_pins().values() for n, v in pins.items()}
         by_name: dict[str, set[int]] = {}
         for v in self.versions:
-            by_name.setdefault(v.name, set()).add(v.version)
+            if (v.name, v.version) not in pinned:
+                by_name.setdefault(v.name, set()).add(v.version)
         for name, gone in by_name.items():
             with store.lock("name:" + name):
                 store.put_versions(name, [v for v in store.versions(name) if v.version not in gone])
-        for path in self.manifests + self.blobs + self.leftovers:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+        by_source: dict[str, list[Path]] = defaultdict(list)
+        for path in self.manifests + self.blobs:
+            by_source[self.owners.get(path, "")].append(path)
+        for sha, paths in by_source.items():
+            if not sha:
+                _unlink(paths)
+                continue
+            # add takes this lock between storing bytes and naming them (Cache.add)
+            with store.lock("source:" + sha):
+                if not any(v.source == sha for v in store.all_versions()):
+                    _unlink(paths)
+        _unlink(self.leftovers)
         return self.freed
+
+
+def _unlink(paths) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def parse_age(text: str) -> float:
@@ -149,6 +172,7 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
                     kept.append((v.ref, why))
                 else:
                     take(v)
+    short_of = 0
     if policy.max_size is not None:
         total = sum(size_of(sha) for sha in sources)
         decided = {v.ref for v in chosen} | {ref for ref, _ in kept}
@@ -162,10 +186,24 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
                 kept.append((v.ref, why))
             else:
                 take(v)
+        short_of = max(0, total - freed - policy.max_size)
 
+    manifests, blobs, owners = _files_of(store, gone_sources, envs_of, converted_of)
+    named = set(sources) | {c.sha256 for c in converted.values()} | {c.torch_sha256 for c in converted.values()}
+    orphans = _orphan_blobs(store, named | {n.split(".")[0] for n in in_views}, now)
+    leftovers = [p for p in store.leftovers() if not _writer_alive(p)]
+    freed += sum(p.stat().st_size for p in orphans + leftovers)
+    return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),
+                     tuple(blobs + orphans), tuple(leftovers), tuple(sorted(kept)), freed, owners, short_of)
+
+
+def _files_of(store: Store, gone: set[str], envs_of, converted_of) -> tuple[list[Path], list[Path], dict[Path, str]]:
+    """Manifests and blobs of the sources in `gone`, references before files, and whose they are."""
     manifests: list[Path] = []
     blobs: list[Path] = []
-    for sha in sorted(gone_sources):
+    owners: dict[Path, str] = {}
+    for sha in sorted(gone):
+        first = len(manifests), len(blobs)
         manifests += [store.links / env / ("%s.json" % sha) for env in envs_of[sha]]
         for c in converted_of[sha]:
             manifests.append(store.converted / ("%s.json" % c.id))
@@ -174,12 +212,39 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
                 blobs.append(store.torch_path(c))
         manifests.append(store.sources / ("%s.json" % sha))
         blobs.append(store.blob_path(sha))
-    named = set(sources) | {c.sha256 for c in converted.values()} | {c.torch_sha256 for c in converted.values()}
-    orphans = _orphan_blobs(store, named, now)
-    leftovers = [p for p in store.leftovers() if not _writer_alive(p)]
-    freed += sum(p.stat().st_size for p in orphans + leftovers)
-    return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),
-                     tuple(blobs + orphans), tuple(leftovers), tuple(sorted(kept)), freed)
+        owners.update({p: sha for p in manifests[first[0]:] + blobs[first[1]:]})
+    return manifests, blobs, owners
+
+
+def removal(store: Store, versions: list[Version]) -> PrunePlan:
+    """The plan of `cachectl rm`: these versions, and the files only they use.
+
+    A pinned version is refused; files a view still links (a reader may be on its way to
+    them) stay for a later prune."""
+    pinned = {(n, v): env for env, pins in store.all_pins().items() for n, v in pins.items()}
+    for v in versions:
+        if (v.name, v.version) in pinned:
+            env = pinned[(v.name, v.version)]
+            raise CachectlError(None, "%s is pinned in %s" % (v.ref, env),
+                                "Unpin it first: cachectl unpin %s --env %s." % (v.name, env))
+    refs: dict[str, int] = defaultdict(int)
+    for v in store.all_versions():
+        refs[v.source] += 1
+    for v in versions:
+        refs[v.source] -= 1
+    gone = {v.source for v in versions if refs[v.source] == 0}
+    envs_of: dict[str, list[str]] = defaultdict(list)
+    for link in store.all_links():
+        envs_of[link.source].append(link.env)
+    converted_of: dict[str, list] = defaultdict(list)
+    for c in store.all_converted().values():
+        converted_of[c.source].append(c)
+    manifests, blobs, owners = _files_of(store, gone, envs_of, converted_of)
+    in_views = linked_blobs(store)
+    kept = tuple((str(b), "a view links it") for b in blobs if b.name in in_views)
+    blobs = [b for b in blobs if b.name not in in_views]
+    freed = sum(b.stat().st_size for b in blobs if b.exists())
+    return PrunePlan(tuple(versions), tuple(manifests), tuple(blobs), (), kept, freed, owners)
 
 
 def _orphan_blobs(store: Store, named: set[str], now: float) -> list[Path]:

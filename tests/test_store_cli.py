@@ -49,6 +49,7 @@ def other_bytes(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_add_list_show_and_path_per_environment(root, tmp_path):
     cli("env", "add", "old", "--python", python_for("0.6.13"))
     made = make_checkpoint("0.6.13", "levit_128s")
@@ -236,8 +237,9 @@ def test_writer_killed_mid_write_leaves_a_store_that_reads_and_heals(root, tmp_p
     (root / "store-v1" / "blobs" / (".new.pid%d.1.safetensors.tmp" % proc.pid)).write_bytes(b"half")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    # the version was recorded, its conversion was not: the store reads and says so
-    assert rows()["net@1"]["state"] == "converting"
+    # the version was recorded, its conversion was not: the store reads and says so, and
+    # with the writer dead nothing is converting it any more
+    assert rows()["net@1"]["state"] == "pending"
     plan = json.loads(cli("prune", "--keep-last", "5", "--dry-run", "--json").output)
     assert any(p.endswith(".tmp") for p in plan["leftovers"])
     cli("prune", "--keep-last", "5", "--yes")
@@ -245,3 +247,42 @@ def test_writer_killed_mid_write_leaves_a_store_that_reads_and_heals(root, tmp_p
     # the next reader converts what is missing, once
     assert Path(cli("path", "net").output.strip()).exists()
     assert rows()["net@1"]["state"] == "ready"
+
+
+def test_rm_prune_short_of_size_json_answers_and_one_line_errors(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    cli("add", copy_to(made.path, tmp_path / "net.pth"), "--name", "net")
+    cli("add", other_bytes(made.path, tmp_path / "net2.pth"), "--name", "net")
+    # scripts get JSON from every command that answers
+    answer = json.loads(cli("path", "net", "--json").output)
+    assert Path(answer["path"]).exists() and answer["version"] == "net@2" and answer["model"]["name"] == SMALL
+    assert json.loads(cli("pin", "net@1", "--env", "default", "--json").output)["version"] == "net@1"
+    assert json.loads(cli("verify", "--json").output) == {"ok": True, "problems": []}
+
+    # a pinned version cannot be removed; one line, non-zero
+    refused = cli("rm", "net@1", "--yes", ok=False)
+    assert refused.exit_code == 1 and "pinned in default" in refused.output and "Traceback" not in refused.output
+    cli("unpin", "net", "--env", "default")
+    plan = json.loads(cli("rm", "net@1", "--dry-run", "--json").output)
+    assert plan["remove"] == ["net@1"] and plan["freed"] > 0
+    assert "net@1" in rows()
+    cli("rm", "net@1", "--yes")
+    assert list(rows()) == ["net@2"]
+
+    # prune that cannot reach --max-size says so and exits non-zero
+    short = cli("prune", "--max-size", "1K", "--yes", ok=False)
+    assert short.exit_code == 1 and "over --max-size" in short.output
+    # no undocumented variables: CACHECTL_PRUNE_YES does not skip the question
+    state = torch.load(made.path, weights_only=True)
+    torch.save({k: v * 3 if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "net3.pth")
+    cli("add", tmp_path / "net3.pth", "--name", "net")
+    os.environ["CACHECTL_PRUNE_YES"] = "1"
+    try:
+        asked = cli("prune", "--keep-last", "1", input="n\n", ok=False)
+    finally:
+        del os.environ["CACHECTL_PRUNE_YES"]
+    assert asked.exit_code == 1 and "Delete these?" in asked.output and "nothing deleted" in asked.output
+    assert sorted(rows()) == ["net@2", "net@3"]
+    # a user error is one line naming what to do, for every command
+    missing = cli("show", "nothing", ok=False)
+    assert missing.exit_code == 1 and missing.output.count("\n") == 1 and "cachectl list" in missing.output
