@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup daemon test matrix catalog bench clean
+.PHONY: setup daemon test test-fast matrix catalog bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ daemon: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# no timm release installed or run, no converting daemon: under two minutes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow and not matrix'
 
 matrix: $(STAMP)
 	$(BIN)/python -m tools.matrix

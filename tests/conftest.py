@@ -1,11 +1,88 @@
 """Shared fixtures: real timm releases side by side, checkpoints they made, and targets."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
+import tools.crossversion
+import tools.timm_releases
 from cachectl.target import Target
-from tools.crossversion import ATOL, INSTALLED, make_checkpoint, python_for, run_in  # noqa: F401  (used by tests)
+from tools.crossversion import ARTIFACTS, ATOL, INSTALLED  # noqa: F401  (used by tests)
+from tools.timm_releases import RELEASES_DIR
+
+GB = 10**9
+# What the slow tests write at most, measured (README, Testing): the checkpoints real releases
+# make, the releases themselves, and pytest's temporary files (every test's, if all fail).
+NEEDS = ((ARTIFACTS, 10 * GB), (RELEASES_DIR, GB // 5), (None, 3 * GB))  # None: pytest's temporary folder
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def pytest_collection_finish(session):
+    """When slow tests are selected, fail at once if the disk cannot hold what they write."""
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        return
+    basetemp = session.config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()
+    wanted: dict[int, list] = {}  # per filesystem: [bytes still to write, folders]
+    for cache, need in NEEDS:
+        folder = Path(cache or basetemp).absolute()
+        if cache and folder.exists():
+            need = max(0, need - _size(folder))  # what an earlier run left is reused
+        dev = os.stat(_existing(folder)).st_dev
+        wanted.setdefault(dev, [0, []])
+        wanted[dev][0] += need
+        wanted[dev][1].append(folder)
+    for need, folders in wanted.values():
+        free = shutil.disk_usage(_existing(folders[0])).free
+        if free < need:
+            pytest.exit("not enough disk: the slow tests need %.1f GB free for %s, and %.1f GB are free. "
+                        "Free some space (README, Testing, says what the suite keeps where), or run make test-fast."
+                        % (need / GB, ", ".join(map(str, folders)), free / GB), returncode=1)
+
+
+_FAST = [False]  # whether the running test is a fast one: it may use the timm beside cachectl only
+
+
+def _release(version: str) -> None:
+    if _FAST[0] and version != INSTALLED:
+        raise AssertionError("this test runs timm %s: mark it @pytest.mark.slow (make test-fast runs no timm release)"
+                             % version)
+
+
+def make_checkpoint(version: str, *args, **kwargs):
+    _release(version)
+    return tools.crossversion.make_checkpoint(version, *args, **kwargs)
+
+
+def python_for(version: str):
+    _release(version)
+    return tools.crossversion.python_for(version)
+
+
+def run_in(version: str, *args, **kwargs):
+    _release(version)
+    return tools.crossversion.run_in(version, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_run_no_release(request):
+    """A test not marked slow may use the timm beside cachectl only, never install or run a release."""
+    _FAST[0] = request.node.get_closest_marker("slow") is None
+    yield
+    _FAST[0] = False
+
 
 @pytest.fixture(scope="session")
 def targets():

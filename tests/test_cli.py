@@ -15,6 +15,7 @@ def invoke(*args):
     return result
 
 
+@pytest.mark.slow
 def test_inspect_old_swin_names_its_release_and_that_it_does_not_load(tmp_path):
     made = make_checkpoint("0.6.13", "swin_tiny_patch4_window7_224")
     result = invoke("inspect", made.path, "--json")
@@ -72,6 +73,7 @@ def test_shared_layout_is_decided_by_file_name(tmp_path):
     assert json.loads(invoke("inspect", other, "--json").output)["architecture"] == "vit_tiny_patch16_224"
 
 
+@pytest.mark.slow
 def test_inspect_human_output_says_what_it_is(tmp_path):
     made = make_checkpoint("0.6.13", "levit_128s")
     result = invoke("inspect", made.path)
@@ -79,6 +81,7 @@ def test_inspect_human_output_says_what_it_is(tmp_path):
     assert "levit_128s" in result.output and "0.6.13" in result.output and "loads as-is" in result.output
 
 
+@pytest.mark.slow
 def test_convert_json_and_metadata_record_provenance(tmp_path):
     made = make_checkpoint("0.6.13", "levit_128s")
     out = tmp_path / "levit.safetensors"

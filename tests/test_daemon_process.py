@@ -218,6 +218,7 @@ def files_in(folder: Path) -> dict:
 # -- the tests ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_way_of_copying_in_is_converted_once(start, make, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -288,6 +289,7 @@ def test_every_way_of_copying_in_is_converted_once(start, make, tmp_path):
     assert second.returncode == 1 and "another cachectld (pid %d" % d.proc.pid in second.stderr
 
 
+@pytest.mark.slow
 def test_polling_waits_for_the_writer_and_sees_renames(start, make, tmp_path):
     inbox = tmp_path / "inbox"
     (inbox / "team").mkdir(parents=True)
@@ -305,6 +307,7 @@ def test_polling_waits_for_the_writer_and_sees_renames(start, make, tmp_path):
     assert rows["slow@1"]["sha256"] == sha256(make(11)) and rows["slow@1"]["state"] == "ready"
 
 
+@pytest.mark.slow
 def test_files_present_at_start_are_taken_and_a_restart_repeats_nothing(start, make, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -320,6 +323,7 @@ def test_files_present_at_start_are_taken_and_a_restart_repeats_nothing(start, m
     assert sorted(listing(d.root)) == ["early@1", "later@1"]
 
 
+@pytest.mark.slow
 def test_default_folder_is_the_inbox_of_the_store_created_on_a_fresh_machine(start, make, tmp_path):
     d = start("--quiet-seconds", 0.5)
     inbox = tmp_path / "root" / "inbox"
@@ -330,6 +334,7 @@ def test_default_folder_is_the_inbox_of_the_store_created_on_a_fresh_machine(sta
     assert listing(d.root)["dropped@1"]["state"] == "ready"
 
 
+@pytest.mark.slow
 def test_cachectl_daemon_runs_the_same_daemon_on_its_root(start, make, tmp_path):
     inbox, other_root = tmp_path / "inbox", tmp_path / "root"
     inbox.mkdir()
@@ -342,6 +347,7 @@ def test_cachectl_daemon_runs_the_same_daemon_on_its_root(start, make, tmp_path)
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_conversion_then_restart_finishes_with_no_partial_entry(start, big, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -370,6 +376,7 @@ def test_sigkill_mid_conversion_then_restart_finishes_with_no_partial_entry(star
         assert len(cache.store.all_converted()) == 1
 
 
+@pytest.mark.slow
 def test_a_crash_or_a_timeout_fails_only_its_file_and_a_change_retries_it(start, make, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -405,6 +412,7 @@ def test_a_crash_or_a_timeout_fails_only_its_file_and_a_change_retries_it(start,
     assert d.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_memory_limit_then_sighup_reloads_settings_and_folders(start, big, make, tmp_path):
     inbox, more = tmp_path / "inbox", tmp_path / "more"
     inbox.mkdir()
@@ -433,6 +441,7 @@ def test_memory_limit_then_sighup_reloads_settings_and_folders(start, big, make,
     assert "workers must be a whole number" in d.log.read_text() and d.proc.poll() is None
 
 
+@pytest.mark.slow
 def test_sigterm_lets_work_in_flight_finish(start, make, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -452,6 +461,7 @@ def test_sigterm_lets_work_in_flight_finish(start, make, tmp_path):
     assert code == 3 and "not running" in out
 
 
+@pytest.mark.slow
 def test_sigterm_kills_work_past_the_grace_period_and_it_is_taken_again(start, make, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -468,6 +478,7 @@ def test_sigterm_kills_work_past_the_grace_period_and_it_is_taken_again(start, m
     assert d.result(inbox / "cut.pth")["ok"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_systemd_notify_protocol(start, make, tmp_path, abstract):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

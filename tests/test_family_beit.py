@@ -4,6 +4,8 @@ import pytest
 
 from conftest import ATOL, INSTALLED
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 MODEL = "beit_base_patch16_224"
 
 

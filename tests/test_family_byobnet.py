@@ -7,6 +7,8 @@ from cachectl.convert import convert
 from cachectl.errors import NoPlanError
 from conftest import INSTALLED, make_checkpoint
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 
 @pytest.mark.parametrize("src,dst", [("0.4.12", INSTALLED), (INSTALLED, "0.4.12")])
 def test_rebuilt_botnet_has_no_plan(targets, tmp_path, src, dst):

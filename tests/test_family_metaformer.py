@@ -7,6 +7,8 @@ from cachectl.convert import convert
 from cachectl.errors import NoPlanError
 from conftest import ATOL, INSTALLED, make_checkpoint
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 MODEL = "poolformer_s12"
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from conftest import ATOL, INSTALLED
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 # (old name, new base name, classes of the in21k classifier)
 RENAMED = [
     ("mobilenetv3_large_100_miil_in21k", "mobilenetv3_large_100", 11221),

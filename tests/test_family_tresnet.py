@@ -47,6 +47,7 @@ def inplace_abn_stand_in(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(root), prepend=os.pathsep)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("src,dst", [("0.6.13", INSTALLED), (INSTALLED, "0.6.13")])
 def test_tresnet_converts_with_equal_outputs(roundtrip, src, dst):
     result, diff = roundtrip(MODEL, src, dst)

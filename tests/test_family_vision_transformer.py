@@ -9,6 +9,8 @@ from cachectl.convert import convert
 from cachectl.errors import NoPlanError
 from conftest import ATOL, INSTALLED, make_checkpoint
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 # 0.9 made these tags of a base name: old names and tagged new names, plain and hybrid
 RENAMED = [
     ("vit_tiny_patch16_224_in21k", "0.6.13", INSTALLED),

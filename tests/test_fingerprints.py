@@ -16,6 +16,8 @@ from cachectl.convert import convert
 from cachectl.errors import NoPlanError
 from conftest import ATOL, INSTALLED, make_checkpoint, python_for, run_in
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 
 @pytest.fixture(scope="module")
 def catalog():

@@ -16,6 +16,8 @@ from cachectl.identify import AMBIGUOUS, identify
 from cachectl.reader import Checkpoint
 from conftest import ATOL, INSTALLED, make_checkpoint, run_in
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -18,6 +18,8 @@ from torch import nn
 from cachectl.cli import main
 from conftest import ATOL, INSTALLED, make_checkpoint, run_in
 
+pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
+
 SWIN = "swin_tiny_patch4_window7_224"
 VIT = "vit_tiny_patch16_224"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from tools.timm_releases import ROOT, release_dir
 SCRIPT = ROOT / "tests" / "release_script.py"
 ARTIFACTS = Path(os.environ.get("CACHECTL_TEST_ARTIFACTS", ROOT / ".cache" / "test-artifacts"))
 INSTALLED = "installed"  # the timm beside cachectl, as opposed to a release folder
+LOW_DISK = 1 << 30  # bytes: with less free where a release writes, a failed save is most likely the disk
 # Outputs must match to float32 round-off: conversions move tensors, they never change them.
 ATOL = 1e-5
 
@@ -46,7 +48,19 @@ def _run(version: str, *args: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([str(python_for(version)), str(SCRIPT), *args], capture_output=True, text=True, cwd=ARTIFACTS)
     if proc.returncode != 0:
-        raise AssertionError("timm %s: %s failed:\n%s" % (version, " ".join(args[:2]), proc.stderr[-3000:]))
+        raise AssertionError("timm %s: %s failed%s:\n%s" % (version, " ".join(args[:2]), _disk_full(args), proc.stderr[-3000:]))
+
+
+def _disk_full(args: tuple[str, ...]) -> str:
+    """Why a release's write failed when the disk is the cause (torch says only `iostream error`)."""
+    for folder in [ARTIFACTS] + [Path(a).parent for a in args if Path(a).is_absolute()]:
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if free < LOW_DISK:
+            return (", most likely because the disk is full: %d MB free in %s (README, Testing, says how much "
+                    "the suite needs)" % (free >> 20, folder))
+    return ""
 
 
 @dataclass(frozen=True)
