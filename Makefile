@@ -4,20 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup daemon test test-fast matrix catalog bench clean
+.PHONY: setup daemon shell test test-fast matrix catalog bench clean
 
+# pip without -q: the first run downloads about 3 GB (torch and its CUDA libraries), shown as it goes
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install --upgrade pip
 	# timm needs torchvision; these two match and lie on the cluster's wheelhouse/disk
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 daemon: $(STAMP)
 	$(BIN)/cachectld
+
+# your shell, with .venv's cachectl and cachectld first on the PATH (what . .venv/bin/activate does)
+shell: $(STAMP)
+	@echo "cachectl and cachectld of $(CURDIR)/$(VENV) are on the PATH; exit to leave"
+	@VIRTUAL_ENV="$(CURDIR)/$(VENV)" PATH="$(CURDIR)/$(BIN):$$PATH" $${SHELL:-/bin/sh}
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
