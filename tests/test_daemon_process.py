@@ -354,9 +354,10 @@ def test_sigkill_mid_conversion_then_restart_finishes_with_no_partial_entry(star
     d = start("--watch", inbox, "--quiet-seconds", 0.5)
     worker = d.idle_worker()
     blobs = d.root / "store-v1" / "blobs"
-    shutil.copyfile(big, inbox / "big.pth")
+    # named as its model: an anonymous resnet50 is refused, its look-alikes compute differently
+    shutil.copyfile(big, inbox / "resnet50.pth")
     # freeze the worker the moment it writes into the store (or is seen converting), then kill the daemon
-    wait_for(lambda: any(blobs.rglob(".*.tmp")) or d.converting(inbox / "big.pth"), "the conversion to start", d,
+    wait_for(lambda: any(blobs.rglob(".*.tmp")) or d.converting(inbox / "resnet50.pth"), "the conversion to start", d,
              timeout=WAIT)
     os.kill(worker, signal.SIGSTOP)
     os.kill(d.proc.pid, signal.SIGKILL)
@@ -367,10 +368,10 @@ def test_sigkill_mid_conversion_then_restart_finishes_with_no_partial_entry(star
         assert all(r.state != "failed" for r in cache.rows())
 
     d = start("--watch", inbox, "--quiet-seconds", 0.5)
-    assert d.result(inbox / "big.pth")["ok"]
+    assert d.result(inbox / "resnet50.pth")["ok"]
     rows = listing(d.root)
-    assert list(rows) == ["big@1"] and rows["big@1"]["state"] == "ready"
-    assert rows["big@1"]["sha256"] == sha256(big)
+    assert list(rows) == ["resnet50@1"] and rows["resnet50@1"]["state"] == "ready"
+    assert rows["resnet50@1"]["sha256"] == sha256(big)
     with Cache(d.root) as cache:
         assert cache.verify() == []  # every blob hashes to its name and loads strictly
         assert len(cache.store.all_converted()) == 1
@@ -421,8 +422,8 @@ def test_memory_limit_then_sighup_reloads_settings_and_folders(start, big, make,
     settings.write_text('watch = ["inbox"]\nquiet_seconds = 0.5\nmemory_limit_mb = 20\n')
     d = start("--config", settings)
     d.idle_worker()
-    shutil.copyfile(big, inbox / "big.pth")  # ~100 MB: more than 20 MB of room
-    failed = d.result(inbox / "big.pth")
+    shutil.copyfile(big, inbox / "resnet50.pth")  # ~100 MB: more than 20 MB of room
+    failed = d.result(inbox / "resnet50.pth")
     assert not failed["ok"] and "ran out of memory" in failed["error"] and "memory_limit_mb" in failed["error"]
     assert d.proc.poll() is None
 
@@ -432,8 +433,8 @@ def test_memory_limit_then_sighup_reloads_settings_and_folders(start, big, make,
              "the new folder to be watched", d)
     shutil.copyfile(make(51), more / "new.pth")
     assert d.result(more / "new.pth")["ok"]
-    os.utime(inbox / "big.pth")  # changed: taken again, now without the limit
-    assert d.result(inbox / "big.pth", count=2)["ok"]
+    os.utime(inbox / "resnet50.pth")  # changed: taken again, now without the limit
+    assert d.result(inbox / "resnet50.pth", count=2)["ok"]
 
     settings.write_text("workers = 'many'\n")  # a bad reload keeps what runs
     d.proc.send_signal(signal.SIGHUP)
