@@ -137,6 +137,33 @@ class Cache:
         raise CachectlError(None, "no environment named %s" % name,
                             "See cachectl env list, or register it: cachectl env add %s --python PY." % name)
 
+    def env_here(self) -> Environment:
+        """The registered environment this interpreter is: the Python API's default.
+
+        Its timm must be the one running here (several environments may share an
+        interpreter, told apart by PYTHONPATH); among those, the one registered with
+        this interpreter or prefix, else the only one, else `default`."""
+        import importlib.metadata
+        import sys
+
+        try:
+            here = importlib.metadata.version("timm")
+        except importlib.metadata.PackageNotFoundError:
+            here = None
+        same = [e for e in self.environments() if e.timm == here]
+        exe = os.path.abspath(sys.executable)
+        for e in same:
+            python = e.python or exe
+            if os.path.abspath(python) == exe or os.path.dirname(os.path.dirname(python)) == sys.prefix:
+                return e
+        if len(same) == 1:
+            return same[0]
+        if any(e.name == DEFAULT_ENV for e in same):
+            return self.env(DEFAULT_ENV)
+        raise CachectlError(None, "this interpreter (%s, timm %s) is none of the registered environments (%s)" % (
+            exe, here or "not installed", ", ".join("%s: timm %s" % (e.name, e.timm) for e in self.environments())),
+            "Register it (cachectl env add NAME --python %s), or pass env=NAME." % exe)
+
     def _probe(self, name: str, python: str | None) -> Environment:
         # a fresh agent: a running one keeps the timm it imported before an upgrade
         from .target import Target

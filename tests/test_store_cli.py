@@ -1,4 +1,5 @@
 """The cache through its CLI, on real files, with environments running different timm releases."""
+import dataclasses
 import json
 import os
 import signal
@@ -286,3 +287,24 @@ def test_rm_prune_short_of_size_json_answers_and_one_line_errors(root, tmp_path)
     # a user error is one line naming what to do, for every command
     missing = cli("show", "nothing", ok=False)
     assert missing.exit_code == 1 and missing.output.count("\n") == 1 and "cachectl list" in missing.output
+
+
+@pytest.mark.slow
+def test_the_python_api_inside_a_registered_environment_uses_that_environment(root, tmp_path):
+    old = python_for("0.6.13")
+    cli("env", "add", "old", "--python", old)
+    made = make_checkpoint("0.6.13", "levit_128s")
+    cli("add", made.path, "--name", "levit")
+    code = ("import cachectl, timm; m = cachectl.create_model('levit'); "
+            "print(timm.__version__, sum(p.numel() for p in m.parameters()))")
+    proc = subprocess.run([str(old), "-W", "ignore", "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, CACHECTL_ROOT=str(root)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "0.6.13"
+    # an interpreter whose timm no environment runs is told how to register it
+    with pytest.raises(cachectl.errors.CachectlError, match="env add"):
+        from cachectl.cache import Cache
+
+        with Cache(root) as cache:
+            cache.store.put_env(dataclasses.replace(cache.env("default"), timm="9.9.9"))
+            cache.env_here()
