@@ -43,7 +43,7 @@ class OverBudget(BaseException):
     """Not an Exception: timm's and the agent's `except Exception` fallbacks must not catch it."""
 
 
-def generated_tensor(key, shape, is_buffer=False):
+def generated_tensor(key, shape):
     """The value the fingerprint gives the state-dict entry `key` of `shape` (float32)."""
     g = torch.Generator().manual_seed(zlib.crc32(key.encode("utf-8")))
     shape = tuple(int(s) for s in shape)
@@ -52,7 +52,10 @@ def generated_tensor(key, shape, is_buffer=False):
     if leaf == "running_var":
         return torch.rand(shape, generator=g) + 0.5
     if len(shape) >= 2 and leaf == "weight":
-        fan_in = max(1, math.prod(shape[1:]))
+        fan_in = 1
+        for s in shape[1:]:  # no math.prod: a target's Python may predate it
+            fan_in *= s
+        fan_in = max(1, fan_in)
         return noise / math.sqrt(fan_in)
     if len(shape) <= 1 and leaf in NEAR_ONE:
         return 1.0 + 0.1 * noise
@@ -88,7 +91,7 @@ def fill(model):
             if id(tensor) in seen or not is_generated(key, tensor, is_buffer):
                 continue
             seen.add(id(tensor))
-            tensor.copy_(generated_tensor(key, tensor.shape, is_buffer).to(tensor.dtype))
+            tensor.copy_(generated_tensor(key, tensor.shape).to(tensor.dtype))
             generated.append("%s:%s" % (key, ",".join(str(int(s)) for s in tensor.shape)))
     for key, tensor in model.state_dict().items():
         if tensor.device.type == "meta":

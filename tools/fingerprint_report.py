@@ -52,10 +52,11 @@ def compare_pair(catalog: Catalog, older: str, newer: str) -> dict:
 
 def look_alikes(catalog: Catalog, release: str) -> tuple[int, list[list[str]]]:
     """(layouts shared by several fingerprinted models, [[names computing differently], ...])."""
-    by_layout: dict[int, list[str]] = defaultdict(list)
-    for name, entry in catalog.models(release).items():
-        if catalog.fingerprint(release, name) is not None:
-            by_layout[entry.layout_index].append(name)
+    by_layout: dict[tuple, list[str]] = defaultdict(list)
+    for name in catalog.models(release):
+        fp = catalog.fingerprint(release, name)
+        if fp is not None:  # comparable: the same tensors (so the same layout) and the same input size
+            by_layout[(fp.weights, fp.input)].append(name)
     shared, differing = 0, []
     for names in by_layout.values():
         if len(names) < 2:
@@ -78,13 +79,14 @@ def look_alikes(catalog: Catalog, release: str) -> tuple[int, list[list[str]]]:
 def split_layouts(catalog: Catalog) -> list[tuple[str, list[list[str]]]]:
     """(model, release groups) where one model's one layout computes differently across releases:
     a file of that layout does not say which math it was trained with."""
-    spans: dict[tuple[str, int], list[str]] = defaultdict(list)
+    spans: dict[tuple, list[str]] = defaultdict(list)
     for release in catalog.fingerprinted_releases:
         for name, entry in catalog.models(release).items():
-            if catalog.fingerprint(release, name) is not None:
-                spans[(name, entry.layout_index)].append(release)
+            fp = catalog.fingerprint(release, name)
+            if fp is not None:
+                spans[(name, entry.layout_index, fp.weights, fp.input)].append(release)
     out = []
-    for (name, _), releases in sorted(spans.items()):
+    for (name, *_), releases in sorted(spans.items()):
         groups: list[list[str]] = []
         for r in releases:
             fp = catalog.fingerprint(r, name)
@@ -142,6 +144,7 @@ def report(catalog: Catalog) -> list[str]:
         lines += ["| model | releases that compute alike |", "|---|---|"]
         lines += ["| %s | %s |" % (name, " / ".join(", ".join(g) for g in groups)) for name, groups in split]
     lines += ["", "### Look-alikes: one layout, several models, different math", "",
+              "Models of one release with the same tensors, run on the same input size, grouped by what they compute.", "",
               "| release | layouts shared by several models | of which compute differently | examples |", "|---|---|---|---|"]
     for release in done:
         shared, differing = look_alikes(catalog, release)
@@ -149,15 +152,16 @@ def report(catalog: Catalog) -> list[str]:
         lines.append("| %s | %d | %d | %s |" % (release, shared, len(differing), examples))
     lines += ["", "### What the fingerprints cost", "",
               "One thread at `nice -n 19`, torch %s; a model above %s is recorded as not fingerprinted, with the reason." % (
-                  next((fps[r].get("torch") for r in done), "?"), "the parameter or CPU-time budget"), "",
-              "| release | models | fingerprinted | over budget | failed | CPU seconds |", "|---|---|---|---|---|---|"]
+                  next((fps[r]["torch"] for r in done if fps[r].get("torch")), "?"), "the parameter or CPU-time budget"), "",
+              "| release | models | done | fingerprinted | over budget | failed | CPU seconds |", "|---|---|---|---|---|---|---|"]
     total = 0.0
     for release in done:
         rel = fps[release]
         n = len(rel["models"]) + len(rel["skipped"]) + len(rel["failed"])
         total += rel["cpu_seconds"]
-        lines.append("| %s | %d | %d | %d | %d | %.0f |" % (
-            release, n, len(rel["models"]), len(rel["skipped"]), len(rel["failed"]), rel["cpu_seconds"]))
+        lines.append("| %s | %d | %s | %d | %d | %d | %.0f |" % (
+            release, len(catalog.models(release)), "all" if rel.get("complete") else "%d (partial)" % n,
+            len(rel["models"]), len(rel["skipped"]), len(rel["failed"]), rel["cpu_seconds"]))
     lines += ["", "Total %.0f CPU seconds; %s is %.2f MB." % (total, fingerprints_path().name, fingerprints_path().stat().st_size / 1e6)
               if done else "", END]
     return lines
