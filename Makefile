@@ -4,15 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup daemon shell test test-fast matrix catalog bench clean
+.PHONY: setup daemon shell test test-fast matrix catalog bench clean wheelhouse
 
 # pip without -q: the first run downloads about 3 GB (torch and its CUDA libraries), shown as it goes
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# timm needs torchvision; these two match and lie on the cluster's wheelhouse/disk
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[test]'
+	# timm needs torchvision; constraints.txt pins the two, as tested
+	$(BIN)/pip install -c constraints.txt torch torchvision
+	$(BIN)/pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -37,6 +37,18 @@ matrix: $(STAMP)
 
 catalog: $(STAMP)
 	$(BIN)/python -m tools.build_catalog
+
+# Everything an air-gapped cluster needs, as files: torch as constraints.txt pins it, cachectl
+# with its dependencies and pytest, the build backend, and what the tests install beside
+# (the catalogued timm releases, the huggingface_hub of timm 0.9's time). Needs an index.
+WHEELHOUSE ?= wheelhouse
+RELEASES = $(shell $(PY) -c 'from tools.timm_releases import CATALOG_RELEASES as r; print(*r)')
+wheelhouse:
+	$(PY) -m pip download -d $(WHEELHOUSE) -c constraints.txt torch torchvision pip 'setuptools>=77,<85'
+	$(PY) -m pip wheel -w $(WHEELHOUSE) -c constraints.txt '.[test]'
+	set -e; for v in $(RELEASES); do $(PY) -m pip download -q --no-deps -d $(WHEELHOUSE) timm==$$v; done
+	$(PY) -m pip download --no-deps -d $(WHEELHOUSE) huggingface_hub==0.20.3 requests urllib3 idna certifi charset_normalizer
+	du -sh $(WHEELHOUSE)
 
 clean:
 	rm -rf $(VENV) .cache build
