@@ -185,3 +185,29 @@ def test_a_migrated_conversion_says_its_math_is_unverified(roundtrip):
     assert diff <= ATOL
     math = [s for s in result.steps if s.startswith("math:")]
     assert math and math[0].startswith("math: unverified"), result.steps
+
+
+def test_a_layout_made_with_two_maths_is_refused_and_the_fitting_releases_named(targets, tmp_path, catalog):
+    # convnext_tiny's layout is the same from 0.5.4 on; 0.5.4 normalises with another variance
+    fp(catalog, "0.5.4", "convnext_tiny")
+    fp(catalog, "0.6.13", "convnext_tiny")
+    fp(catalog, "1.0.31", "convnext_tiny")
+    made = make_checkpoint("0.6.13", "convnext_tiny")
+    with pytest.raises(NoPlanError) as exc:
+        convert(made.path, tmp_path / "out.safetensors", targets(INSTALLED))
+    assert "2 ways" in exc.value.problem and "nothing in the file says which" in exc.value.problem
+    assert "if timm 0.5.4 made it, convert it for timm 0.5.4" in exc.value.fix.lower()
+
+
+def test_a_math_change_no_table_names_is_caught(targets, tmp_path, catalog):
+    # found by the fingerprints: mobilenetv3_rw computes otherwise from 0.9.16 on, same tensors
+    old, new = fp(catalog, "0.9.2", "mobilenetv3_rw"), fp(catalog, "0.9.16", "mobilenetv3_rw")
+    assert old.weights == new.weights and same_math(old, new) is False
+    made = make_checkpoint("0.9.2", "mobilenetv3_rw")
+    try:
+        result = convert(made.path, tmp_path / "out.safetensors", targets("0.9.16"))
+    except NoPlanError as exc:
+        assert "mobilenetv3_rw" in exc.problem and "fingerprints" in exc.problem
+        return
+    got = run_in("0.9.16", {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, result.output, tmp_path)
+    assert (got - made.logits).abs().max().item() <= ATOL
