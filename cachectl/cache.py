@@ -43,6 +43,14 @@ def name_from_path(path: Path) -> str:
     return name
 
 
+def _check_name(name: str) -> None:
+    # a name becomes a file name in the store: it must stay one, inside the store
+    if (not name or len(name) > 200 or name.startswith(".") or "/" in name or "\\" in name or "@" in name
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise CachectlError(None, "%r cannot be a name in the cache" % name,
+                            "Give --name with letters, digits and - _ . (not starting with a dot, no / or @).")
+
+
 @dataclass(frozen=True)
 class AddResult:
     version: Version
@@ -237,6 +245,7 @@ class Cache:
 
         path = Path(path)
         name = name or name_from_path(path)
+        _check_name(name)
         ckpt = read(path)  # unreadable files are refused before anything is stored
         sha, size = self.store.ingest_file(ckpt.weights)
         # prune takes this lock to delete a source: held from here until a version names it

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import CachectlError
@@ -47,8 +48,9 @@ def _emit_json(value) -> None:
 
 
 def _console() -> Console:
-    # a pipe gets wide rows rather than rows wrapped at 80 columns
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    # a pipe gets wide rows rather than rows wrapped at 80 columns; no markup: names, paths
+    # and errors come from files and users, and "[/]" in a path is not a style
+    return Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def _size(n: int) -> str:
@@ -241,7 +243,7 @@ def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[
         })
         return
     console = _console()
-    console.print("wrote [bold]%s[/bold] (%s) for timm %s" % (result.output, _size(result.size), result.target_timm))
+    console.print("wrote %s (%s) for timm %s" % (result.output, _size(result.size), result.target_timm))
     if result.container:
         console.print("weights from '%s'%s" % (result.container, " (not %s: pass --%s for it)" % (
             ", ".join(result.other_containers), "no-ema" if ema else "ema") if result.other_containers else ""))
@@ -299,10 +301,10 @@ def add(ctx: click.Context, file: Path, name: str | None, model: str | None, pre
         return
     console = _console()
     what = "added" if result.new_version else "already stored as"
-    console.print("%s [bold]%s[/bold] (%s, timm %s)" % (
+    console.print("%s %s (%s, timm %s)" % (
         what, result.version.ref, result.source.architecture or "unidentified", ", ".join(result.source.timm_versions) or "?"))
     for link in result.links:
-        console.print("  %s: %s" % (link.env, "ready" if link.converted else "[red]failed[/red]: %s" % link.error))
+        console.print("  %s: %s" % (link.env, "ready" if link.converted else "failed: %s" % link.error))
     if any(l.error for l in result.links):
         sys.exit(1)
 
@@ -336,10 +338,10 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
         return
     table = Table(box=None, header_style="bold")
     for col in ("NAME@VERSION", "ARCHITECTURE", "MADE BY TIMM", "SIZE", "READY IN", "PINNED IN", "AGE", "STATE"):
-        table.add_column(col, justify="right" if col == "SIZE" else "left")
+        # names are typed into other commands: wrapped when narrow, never cut
+        table.add_column(col, justify="right" if col == "SIZE" else "left", overflow="fold")
     for r in rows:
-        state = {"ready": "ready", "pending": "pending", "converting": "[yellow]converting[/yellow]"}.get(
-            r.state, "[red]failed[/red]")
+        state = Text(r.state, style={"converting": "yellow", "failed": "red"}.get(r.state, ""))
         table.add_row(r.ref, r.architecture or "?", ", ".join(r.timm_versions) or "?", _size(r.size),
                       ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-", _age(r.created), state)
     console = _console()
@@ -349,7 +351,7 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
             console.print("%s serves %s" % (r.ref, ", ".join(r.served)))
     for r in rows:
         if r.error:
-            console.print("[red]%s[/red]: %s" % (r.ref, r.error))
+            console.print("%s: %s" % (r.ref, r.error))
 
 
 @main.command()
@@ -365,14 +367,14 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
         return
     console = _console()
     src = info["source"] or {}
-    console.print("[bold]%s[/bold]  from %s" % (info["version"], info["origin"]))
+    console.print("%s  from %s" % (info["version"], info["origin"]))
     console.print("  sha256 %s, %s, %s" % (src.get("sha256"), _size(src.get("size") or 0), src.get("format")))
     console.print("  %s, made by timm %s (%s)" % (src.get("architecture"), ", ".join(src.get("timm_versions") or []), src.get("confidence")))
     for served in info["served"]:
         console.print("  served as %s (pretrained=True with cachectl env activate)" % served)
     for env, e in sorted(info["environments"].items()):
         if e["error"]:
-            console.print("  %s (timm %s): [red]failed[/red]: %s" % (env, e["timm"], e["error"]))
+            console.print("  %s (timm %s): failed: %s" % (env, e["timm"], e["error"]))
         else:
             c = e["converted"]
             console.print("  %s (timm %s): %s(%s) at %s" % (env, e["timm"], c["model"], c["model_kwargs"], e["path"]))
@@ -713,8 +715,6 @@ def views() -> None:
 
 def _print_views(plans: list[dict], as_json: bool, only: str | None = None) -> None:
     """`plans`: view.json contents (views.ViewPlan.to_json), one per environment."""
-    from rich.markup import escape
-
     if as_json:
         _emit_json({p["env"]: p for p in plans})
         return
@@ -722,13 +722,13 @@ def _print_views(plans: list[dict], as_json: bool, only: str | None = None) -> N
     for p in plans:
         served = [s for s in p["served"] if only is None or s["pretrained"] == only or only in s["how"]]
         skipped = [s for s in p["skipped"] if only is None or s["pretrained"] == only]
-        console.print("[bold]%s[/bold] (timm %s): serves %d" % (p["env"], p["timm"], len(served)))
+        console.print("%s (timm %s): serves %d" % (p["env"], p["timm"], len(served)))
         for s in served:
             where = "hub %s" % s["hub_repo"] if s["hub_repo"] else "torch.hub %s" % s["checkpoint"]
-            console.print("  %s <- %s (%s; %s)" % (escape(s["pretrained"]), escape(s["version"]), where, escape(s["how"])))
+            console.print("  %s <- %s (%s; %s)" % (s["pretrained"], s["version"], where, s["how"]))
         for s in skipped:
-            console.print("  [yellow]not served[/yellow] %s <- %s: %s" % (
-                escape(s["pretrained"]), escape(s["version"]), escape(s["reason"])))
+            console.print("  not served %s <- %s: %s" % (
+                s["pretrained"], s["version"], s["reason"]))
 
 
 @views.command(name="list")
@@ -809,8 +809,6 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """
     import time
 
-    from rich.markup import escape
-
     from cachectld.status import read_status
 
     with _cache(ctx) as cache:
@@ -830,21 +828,21 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 _age(time.time() - st.uptime), st.pid, st.host, _age(st.updated),
                 "%s ago" % _age(st.scanned) if st.scanned else "not yet"))
         else:
-            console.print("cachectld: [red]not running[/red] (%s %s ago; it was pid %d on %s)" % (
+            console.print("cachectld: not running (%s %s ago; it was pid %d on %s)" % (
                 "stopped" if st.stopped else "last seen", _age(st.stopped or st.updated), st.pid, st.host))
         for w in st.watch:
-            console.print("  watching %s (%s)" % (escape(str(w.path)), "polling, %s" % w.why if w.polling else w.why))
+            console.print("  watching %s (%s)" % (str(w.path), "polling, %s" % w.why if w.polling else w.why))
         console.print("  %d worker%s; %d queued, %d waiting for writers, %d converting" % (
             len(st.workers), "" if len(st.workers) == 1 else "s", st.queued, st.waiting, len(st.in_flight)))
         for w in st.in_flight:
-            console.print("  converting %s (%s, worker %d)" % (escape(w.path), _age(w.since), w.pid))
+            console.print("  converting %s (%s, worker %d)" % (w.path, _age(w.since), w.pid))
         for r in st.recent[-10:]:
-            what = ("stored as %s" % r.version if r.new_version else "already stored as %s" % r.version) if r.ok else "[red]failed[/red]"
-            console.print("  %s ago  %s: %s" % (_age(r.finished), escape(r.path), what))
+            what = ("stored as %s" % r.version if r.new_version else "already stored as %s" % r.version) if r.ok else "failed"
+            console.print("  %s ago  %s: %s" % (_age(r.finished), r.path, what))
         for r in st.failures:
-            console.print("[red]failed[/red] %s: %s" % (escape(r.path), escape(r.error or "")))
+            console.print("failed %s: %s" % (r.path, r.error or ""))
     for r in failed:
-        console.print("[red]%s[/red] (from the store): %s" % (escape(r.ref), escape(r.error or "")))
+        console.print("%s (from the store): %s" % (r.ref, r.error or ""))
     sys.exit(0 if running else 3)
 
 

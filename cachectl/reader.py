@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import struct
 import warnings
 import zipfile
@@ -91,6 +92,9 @@ def read(path: str | os.PathLike, *, ema: bool = True) -> Checkpoint:
 
 
 def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint:
+    if not stat.S_ISREG(os.stat(weights).st_mode):
+        # a FIFO, socket or device would block or never end
+        raise CheckpointError(weights, "is not a regular file", "Give a checkpoint file.")
     with open(weights, "rb") as f:
         head = f.read(8)
     base = None
@@ -189,9 +193,14 @@ def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], i
         header = json.loads(raw)
     except ValueError as exc:
         raise CheckpointError(path, "damaged safetensors header (%s)" % exc, "Copy the file again from its source.")
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "damaged safetensors header (not a JSON object)", "Copy the file again from its source.")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "damaged safetensors header (__metadata__ is not an object)",
+                              "Copy the file again from its source.")
     data_start = 8 + n
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    end = _check_entries(path, header)
     if data_start + end > size:
         raise CheckpointError(
             path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + end),
@@ -214,6 +223,45 @@ def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], i
         tensors[key] = chunk.view(dtype).reshape(info["shape"])
     base = raw_bytes.data_ptr() if storage is not None else None
     return tensors, {str(k): str(v) for k, v in metadata.items()}, base
+
+
+def _check_entries(path: Path, header: dict) -> int:
+    """Where the data the header describes ends; CheckpointError for any entry that lies.
+
+    Checked here, before any bytes reach torch, so that a hostile header (a shape larger
+    than its bytes, negative or overlapping offsets, NaN) is one clear error, never a
+    traceback or a huge allocation."""
+    spans = []
+    for key, info in header.items():
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(path, "damaged safetensors header: tensor %r %s" % (key, what),
+                                   "Copy the file again from its source.")
+
+        if not isinstance(info, dict):
+            raise bad("is not an object")
+        dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise CheckpointError(path, "tensor %s has unsupported dtype %s" % (key, info.get("dtype")),
+                                  "Re-save it with a standard dtype.")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad("has a shape that is not a list of non-negative integers (%r)" % (shape,))
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise bad("has data_offsets that are not two ascending non-negative integers (%r)" % (offsets,))
+        count = 1
+        for d in shape:
+            count *= d
+        if count * dtype.itemsize != offsets[1] - offsets[0]:
+            raise bad("has shape %s of %s, %d bytes, in %d bytes of data" % (
+                shape, info["dtype"], count * dtype.itemsize, offsets[1] - offsets[0]))
+        spans.append((offsets[0], offsets[1], key))
+    spans.sort()
+    for (_, first_end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < first_end:
+            raise CheckpointError(path, "damaged safetensors header: tensors %r and %r overlap" % (first, second),
+                                  "Copy the file again from its source.")
+    return max((e for _, e, _ in spans), default=0)
 
 
 def _safe_globals() -> list:

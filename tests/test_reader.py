@@ -120,3 +120,74 @@ def test_non_checkpoints_are_refused_clearly(tmp_path):
         read(tmp_path / "no_tensors.pth")
     with pytest.raises(CheckpointError, match="no such file"):
         read(tmp_path / "missing.pth")
+
+
+def _safetensors_with_header(path, header, data=b"\0" * 16):
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, says", [
+    ({"w": 5}, "is not an object"),
+    ({"w": {"dtype": "F32", "shape": [1048576, 1048576], "data_offsets": [0, 4]}}, "in 4 bytes of data"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "non-negative integers"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "two ascending"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, "data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, "non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "overlap"),
+    ({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, "truncated"),
+    ({"__metadata__": [1], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "__metadata__"),
+])
+def test_a_lying_safetensors_header_is_one_clear_error(tmp_path, header, says):
+    from cachectl.errors import CheckpointError
+    from cachectl.reader import read
+
+    path = _safetensors_with_header(tmp_path / "bad.safetensors", header)
+    with pytest.raises(CheckpointError, match=says) as caught:
+        read(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from cachectl.errors import CheckpointError
+    from cachectl.reader import read
+
+    fifo = tmp_path / "model.pth"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read(fifo)
+
+
+def test_names_stay_inside_the_store_and_markup_in_paths_is_printed_as_is(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from cachectl.cli import main
+
+    monkeypatch.setenv("CACHECTL_ROOT", str(tmp_path / "root"))
+    weird = tmp_path / "a[" / "]b [bold]"  # the path holds "[/]", which rich would read as markup
+    weird.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, weird / "junk.safetensors")
+    runner = CliRunner()
+    escaped = runner.invoke(main, ["add", str(weird / "junk.safetensors"), "--name", "../../x"])
+    assert escaped.exit_code == 1 and "cannot be a name" in escaped.output
+    assert not (tmp_path / "x.json").exists() and not list(tmp_path.glob("**/x.json"))
+    added = runner.invoke(main, ["add", str(weird / "junk.safetensors")])
+    assert "Traceback" not in added.output
+    assert added.exception is None or isinstance(added.exception, SystemExit), added.exception
+    listed = runner.invoke(main, ["list"])
+    assert listed.exit_code == 0, listed.output
+    assert "junk@1" in listed.output
+    shown = json.loads(runner.invoke(main, ["show", "junk", "--json"]).output)
+    assert shown["origin"].endswith("a[/]b [bold]/junk.safetensors")
+    text = runner.invoke(main, ["show", "junk"])
+    assert text.exit_code == 0 and "a[/]b [bold]/junk.safetensors" in text.output
