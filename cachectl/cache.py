@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import CachectlError
+from .errors import AmbiguousError, CachectlError
 from .paths import default_root
 from .store import (CONVERTED_SUFFIX, TORCH_SUFFIX, Converted, Environment, Link, Publication, Source, Store,
                     Version, sha256_file)
@@ -252,6 +252,10 @@ class Cache:
         with self.store.lock("source:" + sha):
             if not self.store.blob_path(sha).exists():  # a prune took the bytes since: again
                 self.store.ingest_file(ckpt.weights)
+            # identified and converted from the bytes the store recorded, never from the
+            # watched file, which its writer may change meanwhile; what the file said of
+            # itself (config.json, the hub repo) stays
+            ckpt = dataclasses.replace(read(self.store.blob_path(sha)), path=ckpt.path, hints=ckpt.hints)
             source = self.store.get_source(sha)
             said = (model, tuple(prefixes))
             changed = source is not None and (model or prefixes) and said != (source.model, source.prefixes)
@@ -322,8 +326,16 @@ class Cache:
         try:
             if ckpt is None:
                 ckpt = dataclasses.replace(read(self.store.blob_path(source.sha256)), path=Path(source.origin))
-            prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.model,
-                               prefixes=source.prefixes or None)
+            try:
+                prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.model,
+                                   prefixes=source.prefixes or None)
+            except AmbiguousError:
+                if source.model or not source.architecture or source.confidence == "ambiguous":
+                    raise
+                # decided when it was added, by what the file said then (config.json, its
+                # name): identification happens once per file
+                prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.architecture,
+                                   prefixes=source.prefixes or None)
             cid = "%s-%s" % (source.sha256[:16], prepared.target_layout)
             if source.model or source.prefixes:
                 # what the user said the file is picks among look-alikes of one layout:
@@ -332,17 +344,23 @@ class Cache:
                 cid += "-" + hashlib.sha1(said.encode()).hexdigest()[:8]
             with self.store.lock("converted:" + cid):
                 if not self._converted_ok(cid):
-                    tmp = self.store.new_tmp(".safetensors")
-                    try:
-                        result = write_prepared(prepared, tmp, source.sha256)
-                        digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX)
-                    finally:
-                        tmp.unlink(missing_ok=True)
+                    if prepared.unchanged:
+                        # the stored source is already the answer: linked, not copied
+                        digest, size = self.store.link_blob(source.sha256, CONVERTED_SUFFIX), source.size
+                        model, steps = prepared.model, prepared.attempt.steps + ("the stored source itself, linked",)
+                    else:
+                        tmp = self.store.new_tmp(".safetensors")
+                        try:
+                            result = write_prepared(prepared, tmp, source.sha256)
+                            digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX)
+                        finally:
+                            tmp.unlink(missing_ok=True)
+                        model, steps = result.model, result.steps
                     self.store.put_converted(Converted(
                         id=cid, source=source.sha256, target_layout=prepared.target_layout,
-                        target_timm=prepared.target_timm, model=result.model.name,
-                        model_kwargs=dict(result.model.kwargs), sha256=digest, size=size,
-                        created=time.time(), steps=result.steps,
+                        target_timm=prepared.target_timm, model=model.name,
+                        model_kwargs=dict(model.kwargs), sha256=digest, size=0 if prepared.unchanged else size,
+                        created=time.time(), steps=steps,
                     ))
             return Link(env.name, source.sha256, env.timm, cid, None, time.time())
         except CachectlError as exc:

@@ -352,6 +352,15 @@ class Prepared:
     parts: tuple[Part, ...] = ()  # a wrapped checkpoint: each timm model in it, converted
     passthrough: tuple[str, ...] = ()  # its other keys, written back unchanged
 
+    @property
+    def unchanged(self) -> bool:
+        """The result is the source file's own bytes: safetensors, loaded as it is, with no
+        tensor renamed, dropped or filled. Such a file can serve as its own conversion."""
+        ckpt, state = self.ckpt, self.attempt.state
+        return (ckpt.format == "safetensors" and self.attempt.name == "as-is" and not self.parts
+                and not ckpt.stripped_prefix and ckpt.container is None and state.keys() == ckpt.tensors.keys()
+                and all(state[k] is ckpt.tensors[k] for k in state))
+
 
 def prepare(
     source: str | Path | Checkpoint,

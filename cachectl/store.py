@@ -250,6 +250,19 @@ class Store:
             os.replace(tmp, final)
         return digest, size
 
+    def link_blob(self, sha256: str, suffix: str) -> str:
+        """The blob `sha256` also under `suffix` (a hard link: no byte copied); its sha256."""
+        final = self.blob_path(sha256, suffix)
+        if not final.exists():
+            tmp = self.new_tmp(suffix)
+            try:
+                os.link(self.blob_path(sha256), tmp)
+                os.replace(tmp, final)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+        return sha256
+
     def new_tmp(self, suffix: str = "") -> Path:
         self.blobs.mkdir(parents=True, exist_ok=True)
         return self.blobs / (".new.pid%d.%d%s%s" % (os.getpid(), time.monotonic_ns(), suffix, TMP_SUFFIX))

@@ -308,3 +308,21 @@ def test_the_python_api_inside_a_registered_environment_uses_that_environment(ro
         with Cache(root) as cache:
             cache.store.put_env(dataclasses.replace(cache.env("default"), timm="9.9.9"))
             cache.env_here()
+
+
+def test_a_safetensors_file_that_loads_as_it_is_is_its_own_conversion(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL, fmt="safetensors")
+    answer = json.loads(cli("add", copy_to(made.path, tmp_path / "net.safetensors"), "--json").output)
+    converted = Path(cli("path", "net").output.strip())
+    blob = root / "store-v1" / "blobs" / "sha256" / answer["sha256"][:2] / answer["sha256"]
+    # no byte copied: the same file under the name timm's loader wants
+    assert converted.stat().st_ino == blob.stat().st_ino
+    assert rows()["net@1"]["size"] == blob.stat().st_size
+    assert json.loads(cli("verify", "--json").output)["ok"]
+    shown = json.loads(cli("show", "net", "--json").output)
+    assert "the stored source itself, linked" in shown["environments"]["default"]["converted"]["steps"]
+    assert same_outputs(run_in(INSTALLED, {"name": SMALL, "kwargs": {}}, converted, tmp_path), made.logits)
+
+
+def same_outputs(a, b) -> bool:
+    return a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
