@@ -111,7 +111,8 @@ def report(catalog: Catalog) -> list[str]:
         "each tensor's key and shape, run once on a fixed input (`cachectl/_fingerprint.py`), and its output",
         "kept (`%s`). Two entries with the same tensors compute the same when their outputs agree to" % fingerprints_path().name,
         "%g relative; cachectl refuses to convert between entries that do not. Consecutive catalogued" % FINGERPRINT_RTOL,
-        "releases, following renames:", "",
+        "releases, following renames (\"not fingerprinted\": over the budget, or not reached yet in a release",
+        "the last table marks partial):", "",
         "| releases | models in both | compared | same math | different math | other tensors (migrations) | not fingerprinted |",
         "|---|---|---|---|---|---|---|",
     ]
