@@ -164,7 +164,9 @@ def test_prune_older_than_and_max_size_never_take_the_newest(root, tmp_path):
     budget = sizes["net@3"] + sizes["net@2"] + 1
     plan = json.loads(cli("prune", "--max-size", str(budget), "--dry-run", "--json").output)
     assert plan["remove"] == ["net@1"]  # the oldest goes first, and only as many as needed
-    cli("prune", "--max-size", "1", "--yes")
+    # what it can free, it frees; that the newest alone is over the size, it says, non-zero
+    short = cli("prune", "--max-size", "1", "--yes", ok=False)
+    assert short.exit_code == 1 and "over --max-size 1" in short.output and "freed" in short.output
     assert sorted(rows()) == ["net@3"]
 
 
