@@ -234,7 +234,7 @@ class Cache:
 
     def add(self, path: str | os.PathLike, name: str | None = None,
             progress: Callable[[str], None] | None = None, *, model: str | None = None,
-            prefixes: tuple[str, ...] = ()) -> AddResult:
+            prefixes: tuple[str, ...] = (), source_timm: str | None = None) -> AddResult:
         """Ingest `path` as a new version of `name` and convert it for every environment.
 
         `model` says what the file is where look-alikes share its layout, `prefixes` where
@@ -257,10 +257,10 @@ class Cache:
             # itself (config.json, the hub repo) stays
             ckpt = dataclasses.replace(read(self.store.blob_path(sha)), path=ckpt.path, hints=ckpt.hints)
             source = self.store.get_source(sha)
-            said = (model, tuple(prefixes))
-            changed = source is not None and (model or prefixes) and said != (source.model, source.prefixes)
+            said = (model, tuple(prefixes), source_timm)
+            changed = source is not None and any(said) and said != (source.model, source.prefixes, source.source_timm)
             if source is None or changed:
-                source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes))
+                source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes), source_timm=source_timm)
                 self.store.put_source(source)
             version, is_new = self._new_version(name, sha, str(path.absolute()))
         links = []
@@ -273,11 +273,11 @@ class Cache:
         return AddResult(version, source, is_new, tuple(links))
 
     def _identify(self, ckpt: Checkpoint, sha: str, size: int, model: str | None = None,
-                  prefixes: tuple[str, ...] = ()) -> Source:
+                  prefixes: tuple[str, ...] = (), source_timm: str | None = None) -> Source:
         from .identify import find
 
         base = dict(sha256=sha, size=size, origin=str(ckpt.path.absolute()), added=time.time(), format=ckpt.format,
-                    model=model, prefixes=prefixes)
+                    model=model, prefixes=prefixes, source_timm=source_timm)
         try:
             tag = find(ckpt, self.catalog, model=model, prefixes=prefixes or None).tags[0]
         except CachectlError as exc:
@@ -328,19 +328,19 @@ class Cache:
                 ckpt = dataclasses.replace(read(self.store.blob_path(source.sha256)), path=Path(source.origin))
             try:
                 prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.model,
-                                   prefixes=source.prefixes or None)
+                                   prefixes=source.prefixes or None, source_timm=source.source_timm)
             except AmbiguousError:
                 if source.model or not source.architecture or source.confidence == "ambiguous":
                     raise
                 # decided when it was added, by what the file said then (config.json, its
                 # name): identification happens once per file
                 prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.architecture,
-                                   prefixes=source.prefixes or None)
+                                   prefixes=source.prefixes or None, source_timm=source.source_timm)
             cid = "%s-%s" % (source.sha256[:16], prepared.target_layout)
-            if source.model or source.prefixes:
+            if source.model or source.prefixes or source.source_timm:
                 # what the user said the file is picks among look-alikes of one layout:
                 # another answer is another conversion, never the earlier one reused
-                said = json.dumps([source.model, list(source.prefixes)])
+                said = json.dumps([source.model, list(source.prefixes)] + ([source.source_timm] if source.source_timm else []))
                 cid += "-" + hashlib.sha1(said.encode()).hexdigest()[:8]
             with self.store.lock("converted:" + cid):
                 if not self._converted_ok(cid):

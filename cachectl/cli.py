@@ -79,6 +79,10 @@ prefix_option = click.option(
     help="Where a timm model sits in a larger state dict (e.g. backbone.); repeat for several. "
          "Default: looked for.",
 )
+source_timm_option = click.option(
+    "--source-timm", metavar="VERSION",
+    help="The timm release that saved the file, where releases that make its layout compute differently.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 
 
@@ -191,11 +195,12 @@ def inspect(file: Path, ema: bool, model: str | None, prefixes: tuple[str, ...],
               help="Where to write the safetensors file. Default: NAME.timm-VERSION.safetensors in the current folder.")
 @model_option
 @prefix_option
+@source_timm_option
 @ema_option
 @python_option
 @json_option
 def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[str, ...], ema: bool,
-            python: str | None, as_json: bool) -> None:
+            python: str | None, source_timm: str | None, as_json: bool) -> None:
     """Write FILE as safetensors that load strictly in the target timm.
 
     The target is the timm of --python (default: the one beside cachectl). Upgrades and
@@ -219,7 +224,7 @@ def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[
     from .target import Target
 
     with Target(python) as target:
-        result = run(file, output, target, model=model, ema=ema, prefixes=prefixes or None)
+        result = run(file, output, target, model=model, ema=ema, prefixes=prefixes or None, source_timm=source_timm)
     if as_json:
         _emit_json({
             "output": str(result.output),
@@ -269,10 +274,11 @@ def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[
 @click.option("--name", help="The name to store it under. Default: the file name without suffixes.")
 @model_option
 @prefix_option
+@source_timm_option
 @json_option
 @click.pass_context
 def add(ctx: click.Context, file: Path, name: str | None, model: str | None, prefixes: tuple[str, ...],
-        as_json: bool) -> None:
+        source_timm: str | None, as_json: bool) -> None:
     """Store FILE as a new version of its name and convert it for every environment.
 
     The file is copied into the cache (its folder is never written to); the same bytes
@@ -290,7 +296,7 @@ def add(ctx: click.Context, file: Path, name: str | None, model: str | None, pre
                                         transient=True, disable=as_json) as bar:
         task = bar.add_task("reading %s" % file.name)
         result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env),
-                           model=model, prefixes=prefixes)
+                           model=model, prefixes=prefixes, source_timm=source_timm)
     if as_json:
         _emit_json({
             "name": result.version.name, "version": result.version.ref, "new_version": result.new_version,

@@ -294,6 +294,8 @@ def _refuse_by_fingerprints(ckpt: Checkpoint, target_name: str, target_timm: str
         where = ("convert it for timm %s" % ", ".join(fits)) if fits else "no catalogued timm release computes it the same way"
         advice.append(where if len(groups) == 1 else "if timm %s made it, %s" % (", ".join(group), where))
     advice_text = "; ".join(advice)
+    if len(groups) > 1:
+        advice_text += "; say which release saved it with --source-timm VERSION"
     raise NoPlanError(ckpt.path, problem, advice_text[0].upper() + advice_text[1:] + ".")
 
 
@@ -370,6 +372,7 @@ def prepare(
     model: str | None = None,
     ema: bool = True,
     prefixes: tuple[str, ...] | None = None,
+    source_timm: str | None = None,
 ) -> Prepared:
     """Read, identify and plan; the result passed the strict check against the target.
 
@@ -377,18 +380,34 @@ def prepare(
     under its prefix, or where `prefixes` say; only its keys are converted, each checked
     strictly against its target model, and every other key is written back unchanged.
     Look-alikes that may compute differently are refused unless `model` names one.
+    `source_timm` says which timm release made the file, where releases that make its
+    layout compute differently; a file cachectl wrote says it itself.
     """
     catalog = catalog or Catalog.load()
     ckpt = source if isinstance(source, Checkpoint) else read(source, ema=ema)
     found = find(ckpt, catalog, model=model, prefixes=prefixes)
     for tag in found.tags:
         tag.refuse_if_ambiguous(ckpt.path)
+    made_by = source_timm or ckpt.metadata.get("cachectl.target_timm")
+    if made_by:
+        found = dataclasses.replace(found, tags=tuple(_made_by(ckpt, tag, made_by, bool(source_timm)) for tag in found.tags))
     timm_version = target.info().timm
     if not found.wrapped:
         tag = found.tags[0]
         choice, spec, attempt = _prepare_model(ckpt, tag, target, catalog, model)
         return Prepared(ckpt, tag, choice, spec.layout.layout_id, timm_version, attempt)
     return _prepare_wrapped(ckpt, found.tags, found.passthrough, target, catalog, model)
+
+
+def _made_by(ckpt: Checkpoint, tag: Tag, release: str, said: bool) -> Tag:
+    """`tag` narrowed to the one release that made the file: its math is that release's."""
+    if release not in tag.best.timm_versions:
+        if not said:
+            return tag  # cachectl's own record names a release the catalog does not know
+        raise NoPlanError(ckpt.path, "timm %s does not make this layout of %s (timm %s do)" % (
+            release, tag.best.architecture, ", ".join(tag.best.timm_versions)),
+            "Give --source-timm one of those, the release that saved the file.")
+    return dataclasses.replace(tag, best=dataclasses.replace(tag.best, timm_versions=(release,)))
 
 
 def _prepare_wrapped(ckpt: Checkpoint, tags, passthrough: tuple[str, ...], target: Target, catalog: Catalog,
@@ -502,8 +521,10 @@ def convert(
     model: str | None = None,
     ema: bool = True,
     prefixes: tuple[str, ...] | None = None,
+    source_timm: str | None = None,
 ) -> Conversion:
-    prepared = prepare(source, target, catalog=catalog, model=model, ema=ema, prefixes=prefixes)
+    prepared = prepare(source, target, catalog=catalog, model=model, ema=ema, prefixes=prefixes,
+                       source_timm=source_timm)
     out = Path(output) if output else _default_output(prepared.ckpt, prepared.target_timm)
     return write_prepared(prepared, out)
 

@@ -54,6 +54,7 @@ class Source:
     error: str | None = None  # why it could not be read or identified
     model: str | None = None  # what the user said the file is (`add --model`), if anything
     prefixes: tuple[str, ...] = ()  # where the user said its timm models are (`add --prefix`)
+    source_timm: str | None = None  # the release the user said saved it (`add --source-timm`)
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,17 @@ def test_a_layout_made_with_two_maths_is_refused_and_the_fitting_releases_named(
         convert(made.path, tmp_path / "out.safetensors", targets(INSTALLED))
     assert "2 ways" in exc.value.problem and "nothing in the file says which" in exc.value.problem
     assert "if timm 0.5.4 made it, convert it for timm 0.5.4" in exc.value.fix.lower()
+    assert "--source-timm" in exc.value.fix
+    # told which release saved it, the file converts, computing as it did there
+    result = convert(made.path, tmp_path / "out.safetensors", targets(INSTALLED), source_timm="0.6.13")
+    assert result.source_timm_versions == ("0.6.13",) and result.steps[-1].startswith("math: ")
+    got = run_in(INSTALLED, {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, result.output, tmp_path)
+    assert (got - made.logits).abs().max().item() <= ATOL
+    # and a file cachectl wrote says it itself: converting it again needs no flag
+    again = convert(result.output, tmp_path / "again.safetensors", targets("0.6.13"))
+    assert again.source_timm_versions == (result.target_timm,)
+    with pytest.raises(NoPlanError, match="does not make this layout"):
+        convert(made.path, tmp_path / "x.safetensors", targets(INSTALLED), source_timm="0.4.12")
 
 
 def test_a_math_change_no_table_names_is_caught(targets, tmp_path, catalog):
