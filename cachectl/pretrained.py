@@ -54,10 +54,6 @@ def hub_first(release: str) -> bool:
     return version_key(release) >= version_key(HUB_FIRST)
 
 
-def cfgs_of(catalog: Catalog, release: str) -> tuple[PretrainedCfg, ...]:
-    return _cfgs(catalog, release)
-
-
 @functools.lru_cache(maxsize=64)
 def _cfgs(catalog: Catalog, release: str) -> tuple[PretrainedCfg, ...]:
     out = []
