@@ -42,7 +42,7 @@ catalog: $(STAMP)
 # with its dependencies and pytest, the build backend, and what the tests install beside
 # (the catalogued timm releases, the huggingface_hub of timm 0.9's time). Needs an index.
 WHEELHOUSE ?= wheelhouse
-RELEASES = $(shell $(PY) -c 'from tools.timm_releases import CATALOG_RELEASES as r; print(*r)')
+RELEASES = $(shell $(PY) -c 'from tools.timm_releases import CATALOG_RELEASES as r, UNCATALOGUED as u; print(*r, u)')
 wheelhouse:
 	$(PY) -m pip download -d $(WHEELHOUSE) -c constraints.txt torch torchvision pip 'setuptools>=77,<85'
 	$(PY) -m pip wheel -w $(WHEELHOUSE) -c constraints.txt '.[test]'

@@ -192,6 +192,31 @@ def apply_filter(name, kwargs, in_path, out_path, order=None):
     return {"applied": True, "filter": getattr(filter_fn, "__qualname__", repr(filter_fn))}
 
 
+def run_fixed(name, kwargs, in_path, input_size):
+    """What `name` built with `kwargs` computes on the fingerprint's fixed input with the
+    weights in `in_path`, loaded strictly: the numbers a fingerprint keeps.
+
+    Proves a conversion's math by running it: the file's source release, given the same
+    generated weights, gave the catalog's fingerprint (see _fingerprint.py)."""
+    import runpy
+
+    from safetensors.torch import load_file
+
+    fp = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fingerprint.py"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as fingerprints are taken: the same order of additions
+    try:
+        with _no_init():
+            model = timm.create_model(name, **dict(kwargs or {}))
+        model.load_state_dict(load_file(in_path), strict=True)
+        model.eval()
+        with torch.no_grad():
+            out = model(fp["fixed_input"](input_size))
+        return fp["summarize"](out)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def deprecated_models():
     try:
         from timm.models import _registry
@@ -252,6 +277,7 @@ OPS = {
     "apply_filter": apply_filter,
     "deprecated_models": deprecated_models,
     "pretrained_cfg": pretrained_cfg,
+    "run_fixed": run_fixed,
 }
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import __version__, migrations
+from . import __version__, migrations, proof
 from .catalog import Catalog, Fingerprint, version_key
 from .catalog import same_math as fingerprints_agree
 from .errors import NoPlanError, TargetError
@@ -87,6 +87,8 @@ class Conversion:
     other_containers: tuple[str, ...] = ()
     parts: tuple[Part, ...] = ()  # a wrapped checkpoint: each timm model in it
     passthrough: int = 0  # keys outside every timm model, written back unchanged
+    output_sha256: str | None = None  # the output's own sha256, when it was computed while writing
+    kernel_copies: int = 0  # stretches of the source copied by the kernel, not through this process
 
 
 @dataclass(frozen=True)
@@ -207,15 +209,10 @@ def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str,
     return plans
 
 
-def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str,
-                         catalog: Catalog | None = None) -> str:
-    """NoPlanError when the file may compute differently in the target; else the step that
-    says how its math is known ("math: ...").
-
-    The catalog's fingerprints decide where the producing releases and the target all have
-    one; the hand-written tables in cachectl/migrations stay in force everywhere (the test
-    suite proves the fingerprints confirm them), and are all there is where a side has no
-    fingerprint: then the answer says "math: unverified" and why."""
+def _refuse_known_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str) -> None:
+    """NoPlanError where a hand-written table in cachectl/migrations says the model
+    computes differently in the target than in the releases that made the file. The
+    tables stay in force everywhere (the suite proves the fingerprints confirm them)."""
     # asked by either name: the target may know the model by a newer one
     names = {spec.name.split(".")[0], tag.best.architecture}
     changes = {c for n in names for c in migrations.math_changes(spec.family, n)}
@@ -228,47 +225,103 @@ def _refuse_math_changes(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_tim
                     spec.name, target_timm, ", ".join(tag.best.timm_versions), change.reason),
                 "Convert it for a timm release on the same side (%s to %s, or outside it)." % (change.first, change.last),
             )
-    if catalog is None:
-        return "math: unverified (no catalog)"
-    return _math_by_fingerprints(ckpt, tag, spec, target_timm, catalog)
 
 
-def _math_by_fingerprints(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str, catalog: Catalog) -> str:
-    """Compare the fingerprint of the target model with those of every release that makes
-    this file's layout. The file could come from any of them, so the target must compute
-    like all of them: one that differs is a refusal, even when others agree."""
+def _math_by_fingerprints(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_timm: str, catalog: Catalog,
+                          run: Callable[[str, str, Fingerprint], Fingerprint | str] | None = None) -> str:
+    """The step that says how the conversion's math is known ("math: ..."), or NoPlanError.
+
+    The target must compute like every release that makes this file's layout: the file
+    could come from any of them, so one that differs is a refusal, even when others agree.
+    The catalog's fingerprint of the target decides where it holds the same generated
+    weights as the source's; otherwise (a migration, kwargs, a target release the catalog
+    lacks) `run(release, name, fingerprint)` proves it by running the conversion's plan on
+    the source release's fingerprint weights in the target (cachectl/proof.py)."""
     target_name = spec.name.split(".")[0]
     extra = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
-    if extra:
-        return "math: unverified (%s is built with %s; fingerprints are of models built by default)" % (
-            target_name, _json(extra))
-    target_fp = catalog.fingerprint(target_timm, target_name)
-    if target_fp is None:
-        return "math: unverified (%s)" % catalog.why_no_fingerprint(target_timm, target_name)
     arch = tag.best.architecture
-    source: dict[str, Fingerprint] = {}
+    taken: dict[str, Fingerprint] = {}
     unverified: list[str] = []
     for release in tag.best.timm_versions:
         name = _name_in_release(catalog, release, arch) or arch
         fp = catalog.fingerprint(release, name)
         if fp is None:
             unverified.append(catalog.why_no_fingerprint(release, name))
-        elif fingerprints_agree(fp, target_fp) is None:
-            unverified.append("%s of timm %s holds other tensors than %s of timm %s" % (name, release, target_name, target_timm))
         else:
+            taken[release] = fp
+    # fingerprints are of models built by default: with other kwargs only a run compares
+    target_fp = None if extra else catalog.fingerprint(target_timm, target_name)
+    how = "fingerprints"
+    if run is not None and taken and not any(fingerprints_agree(fp, target_fp) is not None for fp in taken.values()):
+        release, fp = next(iter(taken.items()))
+        ran = run(release, fp.name, fp)
+        if isinstance(ran, Fingerprint):
+            target_fp, how = ran, "run in timm %s on the fingerprint weights of timm %s, converted" % (target_timm, release)
+        else:
+            unverified.append(ran)
+    source: dict[str, Fingerprint] = {}
+    for release, fp in taken.items():
+        if fingerprints_agree(fp, target_fp) is not None:
             source[release] = fp
+        elif target_fp is None:
+            unverified.append(("%s is built with %s; fingerprints are of models built by default" % (target_name, _json(extra)))
+                              if extra else catalog.why_no_fingerprint(target_timm, target_name))
+        else:
+            unverified.append("%s of timm %s holds other tensors than %s of timm %s" % (fp.name, release, target_name, target_timm))
+    unverified = list(dict.fromkeys(unverified))
     differ = [r for r, fp in source.items() if not fingerprints_agree(fp, target_fp)]
     if differ:
-        _refuse_by_fingerprints(ckpt, target_name, target_timm, source, differ, unverified, catalog)
+        _refuse_by_fingerprints(ckpt, target_name, target_timm, source, differ, unverified, catalog, how)
     if not source:
         return "math: unverified (%s)" % "; ".join(unverified)
-    verified = "math: %s of timm %s computes like %s of timm %s, which make this layout (fingerprints)" % (
-        target_name, target_timm, arch, ", ".join(source))
+    verified = "math: %s of timm %s computes like %s of timm %s, which make this layout (%s)" % (
+        target_name, target_timm, arch, ", ".join(source), how)
     return verified + ("; unverified: %s" % "; ".join(unverified) if unverified else "")
 
 
+def _run_on_fingerprint_weights(ckpt: Checkpoint, plan_name: str, spec: ModelSpec, target: Target,
+                                catalog: Catalog) -> Callable[[str, str, Fingerprint], Fingerprint | str]:
+    """A `run` for _math_by_fingerprints: the plan `plan_name` applied to the source
+    release's fingerprint weights, run in the target; the target's fingerprint, or why not."""
+    def run(release: str, name: str, fp: Fingerprint) -> Fingerprint | str:
+        entry = catalog.models(release).get(name)
+        if entry is None:
+            return "%s is not in the catalog of timm %s" % (name, release)
+        layout = catalog.layout(entry.layout_index)
+        why = proof.unprovable(layout, fp)
+        if why:
+            return why
+        # the default head, as the fingerprint was taken; every other kwarg as converted
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+        try:
+            run_spec = target.describe(spec.name, kwargs) if kwargs != dict(spec.kwargs) else spec
+            shared = [k for k in run_spec.buffers if k in layout.specs and layout.specs[k].shape == run_spec.layout.specs[k].shape]
+            as_built = target.buffer_values(run_spec, shared) if shared else {}
+        except TargetError as exc:
+            return "the proof cannot build %s in the target (%s)" % (spec.name, exc.problem)
+        weights = proof.source_weights(layout, as_built)
+        if weights.weights != fp.weights:
+            return "the fingerprint weights of %s of timm %s cannot be rebuilt from its layout (tied tensors)" % (name, release)
+        synthetic = dataclasses.replace(ckpt, layout=layout, tensors=weights.tensors, span=None, stripped_prefix="",
+                                        container=None, other_containers=())
+        state = None
+        for plan_of, build in _plans(synthetic, run_spec, target):
+            if plan_of == plan_name:
+                state, steps = build()
+                if state is not None:
+                    state, _ = _finish(state, run_spec, target, steps)
+        if state is None or not strict_check(state, run_spec.layout).ok:
+            return "the %s plan does not carry %s of timm %s's own layout into %s" % (plan_name, name, release, spec.name)
+        try:
+            summary = target.run_fixed(run_spec, state, fp.input)
+        except TargetError as exc:
+            return "the proof run failed (%s)" % exc.problem
+        return proof.as_fingerprint(summary, target.info().timm, spec.name.split(".")[0], fp)
+    return run
+
+
 def _refuse_by_fingerprints(ckpt: Checkpoint, target_name: str, target_timm: str, source: dict[str, Fingerprint],
-                            differ: list[str], unverified: list[str], catalog: Catalog) -> None:
+                            differ: list[str], unverified: list[str], catalog: Catalog, how: str) -> None:
     # the producing releases, grouped by what they compute
     groups: list[list[str]] = []
     for release, fp in source.items():
@@ -279,12 +332,12 @@ def _refuse_by_fingerprints(ckpt: Checkpoint, target_name: str, target_timm: str
         else:
             groups.append([release])
     if len(groups) == 1:
-        problem = "%s computes differently in timm %s than in timm %s, which made this file (math fingerprints differ)" % (
-            target_name, target_timm, ", ".join(source))
+        problem = "%s computes differently in timm %s than in timm %s, which made this file (math fingerprints differ: %s)" % (
+            target_name, target_timm, ", ".join(source), how)
     else:
         problem = ("%s computes differently in timm %s than in timm %s; the releases that make this file's layout "
-                   "compute it in %d ways (%s) and nothing in the file says which one made it (math fingerprints)") % (
-            target_name, target_timm, ", ".join(differ), len(groups), " | ".join(", ".join(g) for g in groups))
+                   "compute it in %d ways (%s) and nothing in the file says which one made it (math fingerprints: %s)") % (
+            target_name, target_timm, ", ".join(differ), len(groups), " | ".join(", ".join(g) for g in groups), how)
     if unverified:
         problem += "; unverified: %s" % "; ".join(unverified)
     advice = []
@@ -463,14 +516,29 @@ def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Tar
                 ckpt.path, "timm %s cannot build %s with %s (%s)" % (target.info().timm, choice.name, _json(extra), exc.problem),
                 "Convert it for a timm release that builds this variant.",
             )
-    math = _refuse_math_changes(ckpt, tag, spec, target.info().timm, catalog)
+    _refuse_known_changes(ckpt, tag, spec, target.info().timm)
     attempt = plan(ckpt, spec, target)
+    run = _run_on_fingerprint_weights(ckpt, attempt.name, spec, target, catalog)
+
+    def run_once(release: str, name: str, fp: Fingerprint) -> Fingerprint | str:
+        # the proof runs the plan on generated weights, not on the file: once per model,
+        # plan and release in a process, whatever the number of files
+        key = _json(["proof", release, name, attempt.name, spec.name, spec.kwargs])
+        return target.remember(key, lambda: run(release, name, fp))
+    math = _math_by_fingerprints(ckpt, tag, spec, target.info().timm, catalog, run_once)
     attempt = _Attempt(attempt.name, attempt.steps + (math,), attempt.state, attempt.mismatch)
     return choice, spec, attempt
 
 
-def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None) -> Conversion:
-    """Write the planned result as safetensors with its provenance in the metadata."""
+def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None, *,
+                   sync_folder: bool = True) -> Conversion:
+    """Write the planned result as safetensors with its provenance in the metadata.
+
+    Given `source_sha256` (the store hashed the source when it took it in), the source is
+    not hashed again and the output's own sha256 is computed while it is written, so the
+    store need not read it back; without it, the source is hashed on the other core while
+    the output is written. `sync_folder=False`: the caller renames the file again and
+    syncs the folder it lands in."""
     ckpt, tag, choice = prepared.ckpt, prepared.tag, prepared.model
     metadata = {
         "format": "pt",
@@ -488,21 +556,23 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
     if prepared.parts:
         metadata["cachectl.parts"] = _json([_part_json(p) for p in prepared.parts])
         metadata["cachectl.passthrough"] = str(len(prepared.passthrough))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        if source_sha256 is None:
-            # hash the source on the other core while the output is written
+    state = prepared.attempt.state
+    if source_sha256 is not None:
+        metadata["cachectl.source_sha256"] = source_sha256
+        written = write(output, state, metadata, source=ckpt.weights, span=ckpt.span, digest=True,
+                        sync_folder=sync_folder)
+        digest = source_sha256
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
             hashing = pool.submit(sha256_file, ckpt.weights)
-            deferred = {"cachectl.source_sha256": hashing.result}
-        else:
-            metadata["cachectl.source_sha256"] = source_sha256
-            deferred = None
-        size = write(output, prepared.attempt.state, metadata, deferred=deferred, source=ckpt.weights, span=ckpt.span)
-        digest = source_sha256 or hashing.result()
+            written = write(output, state, metadata, deferred={"cachectl.source_sha256": hashing.result},
+                            source=ckpt.weights, span=ckpt.span, sync_folder=sync_folder)
+            digest = hashing.result()
     return Conversion(
         source=ckpt.path, output=output, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
-        target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=size,
+        target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=written.size,
         container=ckpt.container, other_containers=ckpt.other_containers, parts=prepared.parts,
-        passthrough=len(prepared.passthrough),
+        passthrough=len(prepared.passthrough), output_sha256=written.sha256, kernel_copies=written.copies,
     )
 
 

@@ -18,12 +18,15 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from .catalog import Catalog, ModelEntry, version_key
 from .catalog import same_math as fingerprints_agree
 from .errors import AmbiguousError, IdentifyError
 from .layout import Layout, is_under
-from .reader import Checkpoint
+
+if TYPE_CHECKING:  # a reader.Checkpoint, or the torch-free headers.Header that inspect reads
+    from .reader import Checkpoint
 
 EXACT = "exact"
 EXACT_BUT_CLASSIFIER = "exact-but-classifier"
@@ -384,7 +387,7 @@ def _fingerprints_agree(catalog: Catalog, a: Candidate, b: Candidate) -> bool | 
     if False in answers:
         return False
     # agreeing wherever both were fingerprinted; how one name's math moves between
-    # releases is the conversion's check (convert._refuse_math_changes)
+    # releases is the conversion's check (convert._math_by_fingerprints)
     return True if True in answers else None
 
 

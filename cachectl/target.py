@@ -14,13 +14,14 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 
 from .errors import TargetError
 from .layout import Layout
 
+T = TypeVar("T")
 AGENT = Path(__file__).resolve().parent / "_agent.py"
 # Run the agent file as a script without its folder on sys.path, so cachectl's own
 # module names never shadow the target's packages.
@@ -63,8 +64,13 @@ class Target:
         self._tmp = Path(tempfile.mkdtemp(prefix="cachectl-target-"))
         self._agent = None
         self._info: TargetInfo | None = None
-        self._specs: dict[str, ModelSpec] = {}  # a daemon converts many files of one model
+        # a daemon converts many files of one model: what the target says of a model is
+        # asked once per process, never once per file
+        self._specs: dict[str, ModelSpec] = {}
         self._cfgs: dict[str, dict | None] = {}
+        self._names: dict[str, str | None] = {}
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self._remembered: dict[str, object] = {}
 
     def __enter__(self) -> "Target":
         return self
@@ -127,7 +133,16 @@ class Target:
         return self._info
 
     def resolve_name(self, name: str) -> str | None:
-        return self._call("resolve_name", name=name)
+        if name not in self._names:
+            self._names[name] = self._call("resolve_name", name=name)
+        return self._names[name]
+
+    def remember(self, key: str, compute: Callable[[], T]) -> T:
+        """What `compute` answers for this target and `key`, computed once per process:
+        for answers that depend on the model and the releases, never on a file's bytes."""
+        if key not in self._remembered:
+            self._remembered[key] = compute()
+        return self._remembered[key]
 
     def describe(self, name: str, kwargs: Mapping[str, object]) -> ModelSpec:
         key = json.dumps([name, kwargs], sort_keys=True)
@@ -152,14 +167,31 @@ class Target:
         return self._cfgs[key]
 
     def buffer_values(self, spec: ModelSpec, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The deterministic buffers `keys` of a fresh `spec` model (shared: never write into them)."""
         from safetensors.torch import load_file
 
-        out = self._tmp / "buffers.safetensors"
-        self._call("buffers", name=spec.name, kwargs=dict(spec.kwargs), keys=keys, out_path=str(out))
+        key = json.dumps([spec.name, spec.kwargs, sorted(keys)], sort_keys=True)
+        if key not in self._buffers:
+            out = self._tmp / "buffers.safetensors"
+            self._call("buffers", name=spec.name, kwargs=dict(spec.kwargs), keys=keys, out_path=str(out))
+            try:
+                self._buffers[key] = load_file(out)
+            finally:
+                out.unlink(missing_ok=True)
+        return dict(self._buffers[key])
+
+    def run_fixed(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], input_size: tuple[int, ...]) -> dict:
+        """What the target model computes on the fingerprint's fixed input with `tensors`
+        loaded strictly: {"shape", "sum", "abs", "values"} (see _fingerprint.summarize)."""
+        from safetensors.torch import save_file
+
+        src = self._tmp / "run-in.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, src)
         try:
-            return load_file(out)
+            return self._call("run_fixed", name=spec.name, kwargs=dict(spec.kwargs), in_path=str(src),
+                              input_size=list(input_size))
         finally:
-            out.unlink(missing_ok=True)
+            src.unlink(missing_ok=True)
 
     def apply_filter(self, spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                      ordered: bool = False) -> tuple[dict[str, torch.Tensor] | None, str]:

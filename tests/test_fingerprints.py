@@ -8,6 +8,7 @@ import json
 import subprocess
 
 import pytest
+import timm
 import torch
 
 from cachectl import _fingerprint, migrations
@@ -15,6 +16,7 @@ from cachectl.catalog import Catalog, Fingerprint, same_math, version_key
 from cachectl.convert import convert
 from cachectl.errors import NoPlanError
 from conftest import ATOL, INSTALLED, make_checkpoint, python_for, run_in
+from tools.timm_releases import UNCATALOGUED
 
 pytestmark = pytest.mark.slow  # real timm releases: the full tier only (make test-fast skips it)
 
@@ -180,11 +182,41 @@ def test_an_unchanged_model_converts_with_its_math_verified(roundtrip, catalog):
     assert math and "fingerprints" in math[0] and "0.9.16" in math[0], result.steps
 
 
-def test_a_migrated_conversion_says_its_math_is_unverified(roundtrip):
+def test_a_migrated_conversion_has_its_math_proven_by_running(roundtrip):
+    # pit 0.6.13 -> 1.0.31 needs a migration: no two catalog entries share its tensors, so
+    # the proof runs the migration on 0.6.13's fingerprint weights in 1.0.31
     result, diff = roundtrip("pit_ti_224", "0.6.13", INSTALLED)
     assert diff <= ATOL
+    assert any(s.startswith("migration pit.") for s in result.steps), result.steps
     math = [s for s in result.steps if s.startswith("math:")]
-    assert math and math[0].startswith("math: unverified"), result.steps
+    assert math and "computes like pit_ti_224 of timm" in math[0] and "0.6.13" in math[0], result.steps
+    assert "run in timm %s on the fingerprint weights" % timm.__version__ in math[0], result.steps
+
+
+def test_a_release_the_catalog_lacks_has_its_math_proven_by_running(targets, tmp_path):
+    # a timm newer than this cachectl's catalog: no fingerprint of the target to compare,
+    # so the conversion runs the source release's fingerprint weights in the target
+    made = make_checkpoint("0.9.16", "resnet18")
+    result = convert(made.path, tmp_path / "out.safetensors", targets(UNCATALOGUED))
+    math = [s for s in result.steps if s.startswith("math:")]
+    assert math and "computes like resnet18 of timm" in math[0], result.steps
+    assert "run in timm %s" % UNCATALOGUED in math[0], result.steps
+    got = run_in(UNCATALOGUED, {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, result.output, tmp_path)
+    assert (got - made.logits).abs().max().item() <= ATOL
+
+
+def test_a_release_the_catalog_lacks_is_refused_where_its_run_computes_otherwise(targets, tmp_path):
+    # convnext_tiny's layout is made by 0.5.4 and by 0.6.13 on, which normalise differently;
+    # the run in the uncatalogued target tells which side it is on
+    made = make_checkpoint("0.6.13", "convnext_tiny")
+    with pytest.raises(NoPlanError) as exc:
+        convert(made.path, tmp_path / "out.safetensors", targets(UNCATALOGUED))
+    assert "computes differently in timm %s than in timm 0.5.4" % UNCATALOGUED in exc.value.problem
+    assert "run in timm %s" % UNCATALOGUED in exc.value.problem
+    assert "--source-timm" in exc.value.fix
+    result = convert(made.path, tmp_path / "out.safetensors", targets(UNCATALOGUED), source_timm="0.6.13")
+    got = run_in(UNCATALOGUED, {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, result.output, tmp_path)
+    assert (got - made.logits).abs().max().item() <= ATOL
 
 
 def test_a_layout_made_with_two_maths_is_refused_and_the_fitting_releases_named(targets, tmp_path, catalog):
