@@ -43,6 +43,34 @@ def name_from_path(path: Path) -> str:
     return name
 
 
+def _user() -> str:
+    import pwd
+
+    try:
+        return "user %s" % pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return "uid %d" % os.geteuid()
+
+
+def _writers(root: Path) -> str:
+    """Who may write the store at `root`: its owner, and its group if it is group-writable."""
+    import grp
+    import pwd
+
+    st = root.stat()
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = "uid %d" % st.st_uid
+    if not st.st_mode & 0o020:
+        return "user %s" % owner
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = "gid %d" % st.st_gid
+    return "user %s or a member of group %s" % (owner, group)
+
+
 def _check_name(name: str) -> None:
     # a name becomes a file name in the store: it must stay one, inside the store
     if (not name or len(name) > 200 or name.startswith(".") or "/" in name or "\\" in name or "@" in name
@@ -97,8 +125,9 @@ class Resolved:
 
 
 class Cache:
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.store = Store(root or default_root()).init()
+    def __init__(self, root: str | os.PathLike | None = None, create: bool = True):
+        """`create` False: refuse a root that does not exist (a typo'd --root)."""
+        self.store = Store(root or default_root()).init(create)
         self._targets: dict[str, Target] = {}
         self._catalog: Catalog | None = None
 
@@ -295,12 +324,19 @@ class Cache:
             self.store.put_versions(name, versions + [v])
             return v, True
 
-    def convert_for(self, sha: str, env: Environment, ckpt: Checkpoint | None = None, again: bool = False) -> Link:
+    def convert_for(self, sha: str, env: Environment, ckpt: Checkpoint | None = None, again: bool = False,
+                    what: str | None = None) -> Link:
         """The link from `env` to its converted copy of source `sha`, converting at most once
-        (`again`: once more, after the user said anew what the source is)."""
+        (`again`: once more, after the user said anew what the source is). `what`: the
+        version asked for, named if this user cannot convert it."""
         link = self.store.get_link(env.name, sha)
         if not again and link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
             return link  # decided already: no lock, so readers without write access get it too
+        if not os.access(self.store.links, os.W_OK):
+            raise CachectlError(None, "%s is not converted for environment %s yet, and %s cannot write to the cache %s" % (
+                what or "source %s" % sha[:12], env.name, _user(), self.store.root),
+                "Ask %s to run: %s (or let the daemon do it)." % (_writers(self.store.root), (
+                    "cachectl path %s --env %s" % (what, env.name)) if what else "cachectl views refresh --env %s" % env.name))
         with self.store.lock("convert:%s:%s" % (sha, env.name)):
             link = self.store.get_link(env.name, sha)
             if not again and link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
@@ -351,8 +387,8 @@ class Cache:
                     else:
                         tmp = self.store.new_tmp(".safetensors")
                         try:
-                            result = write_prepared(prepared, tmp, source.sha256)
-                            digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX)
+                            result = write_prepared(prepared, tmp, source.sha256, sync_folder=False)
+                            digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX, result.output_sha256)
                         finally:
                             tmp.unlink(missing_ok=True)
                         model, steps = result.model, result.steps
@@ -388,7 +424,7 @@ class Cache:
     def resolve(self, ref: str, env: str | None = None) -> Resolved:
         environment = self.env(env)
         version = self.find_version(ref, environment.name)
-        link = self.convert_for(version.source, environment)
+        link = self.convert_for(version.source, environment, what=version.ref)
         if link.error:
             raise CachectlError(None, "%s cannot be loaded in %s: %s" % (version.ref, environment.name, link.error),
                                 "Run cachectl show %s for details." % version.ref)

@@ -8,11 +8,19 @@
     <root>/envs/<env>.json                           registered environments
     <root>/pins/<env>.json                           pins of an environment
     <root>/locks/                                    lock files
+    <root>/CACHEDIR.TAG                              "a cache": backup tools skip it
 
 Every write goes to a hidden temporary in the destination folder, is fsynced and
 renamed into place, so readers never see half a file and a killed writer leaves only
-a `.tmp` that `cachectl prune` removes. The format version is in the folder name: a
-future layout gets a new folder and this one stays readable.
+a `.tmp` that `cachectl prune` removes. The format version is in the folder name and in
+every JSON file (`"format": 1`): a future layout gets a new folder and this one stays
+readable; a file of a newer format is reported, never misread.
+
+Shared by a group: the root's permissions are the store's. Under a root that is setgid
+and group-writable (`chgrp G ROOT; chmod 2775 ROOT`, or `cachectl init --group G`),
+every folder is made group-writable and inherits the group, every file group-readable
+and every lock file group-writable, whatever the writer's umask; a root private to its
+owner keeps everything private.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,16 +37,22 @@ from typing import Iterator
 
 import filelock
 
+from . import locks
 from .errors import CachectlError
+from .regular import open_regular
 
 FORMAT = 1
+TAG_NAME = "CACHEDIR.TAG"
+# https://bford.info/cachedir/: the signature line is what backup tools look for
+TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# A cachectl store: converted timm checkpoints, remade on demand.\n"
 TMP_SUFFIX = ".tmp"
 CONVERTED_SUFFIX = ".safetensors"
 TORCH_SUFFIX = ".pth"  # timm before 0.9 reads pretrained weights with torch.load only
 CHUNK = 8 * 1024 * 1024
-# A soft lock (CACHECTL_LOCKS=soft) whose holder died is broken after this long:
-# longer than any one conversion.
-LOCK_LIFETIME = 6 * 3600
+# A soft lock is a lease its holder renews while it lives (a heartbeat thread): one whose
+# holder died, on any host, is taken over this long after its last renewal. Every process
+# on the store must use the same duration.
+LEASE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,27 @@ def sha256_file(path: Path) -> str:
 
 
 def _to_json(value) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}, "format": FORMAT}
+
+
+def _fields(raw: dict) -> dict:
+    return {k: v for k, v in raw.items() if k != "format"}
+
+
+@dataclass(frozen=True)
+class Modes:
+    """Permission bits of what the store makes, taken from its root's."""
+
+    folder: int
+    file: int
+    blob: int
+    lock: int  # writable by whoever may write the store: a lock is taken by opening it for writing
+
+    @classmethod
+    def of_root(cls, st_mode: int) -> "Modes":
+        perm = st_mode & 0o777
+        read, write = perm & 0o044, perm & 0o022
+        return cls(folder=perm | 0o700, file=0o600 | read, blob=0o400 | read, lock=0o600 | read | write)
 
 
 class Store:
@@ -143,20 +178,98 @@ class Store:
         self.locks = self.root / "locks"
         self.inbox = self.root / "inbox"
         self.publications = self.root / "publications.json"
+        self._modes: Modes | None = None
+        self._locking: locks.LockChoice | None = None
 
-    def init(self) -> "Store":
-        for d in (self.blobs, self.sources, self.converted, self.names, self.links, self.envs, self.pins, self.locks):
-            d.mkdir(parents=True, exist_ok=True)
+    def is_store(self) -> bool:
+        """A store's root: it has its tag, or the folder of a store made before tags."""
+        return (self.root / TAG_NAME).is_file() or self.base.is_dir()
+
+    def init(self, create: bool = True, group: str | None = None) -> "Store":
+        """Make the store's folders; refuse a folder that is something else.
+
+        `create` False: an absent root is refused too (a typo'd --root must not quietly
+        become a new, empty store). An empty folder is taken: it was made for the store.
+        `group`: share the store with that group (its root setgid, group-writable)."""
+        if not self.root.exists():
+            if not create:
+                raise CachectlError(self.root, "does not exist",
+                                    "Check --root; to make a new store there: cachectl --root %s init." % self.root)
+        elif not self.root.is_dir() or (not self.is_store() and any(self.root.iterdir())):
+            raise CachectlError(self.root, "is not a cachectl store (it holds other files)",
+                                "Check --root and CACHECTL_ROOT; a new store needs an empty or absent folder.")
+        if group is not None:
+            self._share(group)
+        try:
+            for d in (self.blobs, self.sources, self.converted, self.names, self.links, self.envs, self.pins,
+                      self.locks):
+                self.mkdir(d)
+            if not (self.root / TAG_NAME).is_file():
+                self._write(self.root / TAG_NAME, TAG.encode(), self.modes.file)
+        except PermissionError:
+            if not self.is_store():
+                raise
+            # a reader of a shared store: it reads what is there, missing folders read as empty
         return self
+
+    def _share(self, group: str) -> None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise CachectlError(None, "there is no group %s" % group, "Create it (groupadd %s) or name another." % group)
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chown(self.root, -1, gid)
+        os.chmod(self.root, 0o2775)
+        self._modes = None
+
+    @property
+    def modes(self) -> Modes:
+        if self._modes is None:
+            self._modes = Modes.of_root(self.root.stat().st_mode)
+        return self._modes
+
+    @property
+    def locking(self) -> locks.LockChoice:
+        """Kernel or soft locks, from CACHECTL_LOCKS or the store's mount."""
+        if self._locking is None:
+            self._locking = locks.choose(self.root)
+        return self._locking
+
+    def mkdir(self, path: Path) -> None:
+        """`path` and its missing parents, with the root's permission bits whatever the umask;
+        under a setgid root each folder inherits the bit and the group from its parent."""
+        missing = []
+        while not path.is_dir():
+            missing.append(path)
+            path = path.parent
+        for p in reversed(missing):
+            try:
+                os.mkdir(p)
+            except FileExistsError:
+                continue
+            if p == self.root:
+                continue  # the root's bits are the policy, not subject to it
+            mode = os.stat(p).st_mode
+            if mode & 0o777 != self.modes.folder:
+                try:
+                    os.chmod(p, self.modes.folder | (mode & stat.S_ISGID))
+                except PermissionError:
+                    pass  # systemd's RestrictSUIDSGID refuses a mode naming setgid; its UMask then decides
 
     # -- atomic files ------------------------------------------------------------------
 
     def write_json(self, path: Path, value) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write(path, json.dumps(value, indent=1, sort_keys=True).encode(), self.modes.file)
+
+    def _write(self, path: Path, data: bytes, mode: int) -> None:
+        self.mkdir(path.parent)
         tmp = path.with_name(".%s.pid%d%s" % (path.name, os.getpid(), TMP_SUFFIX))
         try:
-            with open(tmp, "w") as f:
-                json.dump(value, f, indent=1, sort_keys=True)
+            with open(tmp, "wb") as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -166,26 +279,32 @@ class Store:
 
     @staticmethod
     def read_json(path: Path):
+        """The JSON in `path`, None if there is none; damaged or newer-format: CachectlError."""
         try:
-            with open(path) as f:
-                return json.load(f)
+            with open(path, "rb") as f:
+                raw = json.loads(f.read())
         except FileNotFoundError:
             return None
         except ValueError as exc:
             raise CachectlError(path, "is damaged (%s)" % exc, "Run cachectl verify; remove the file if it says so.")
+        if isinstance(raw, dict) and isinstance(raw.get("format"), int) and raw["format"] > FORMAT:
+            raise CachectlError(path, "was written by a newer cachectl (format %d; this one reads %d)" % (
+                raw["format"], FORMAT), "Use the newer cachectl on this store; this one leaves the file alone.")
+        return raw
 
     @contextmanager
     def lock(self, name: str, timeout: float = -1) -> Iterator[None]:
-        """An exclusive lock that a crashed holder does not keep forever."""
-        self.locks.mkdir(parents=True, exist_ok=True)
+        """An exclusive lock that a crashed holder does not keep forever, usable by every
+        member of a shared store's group."""
+        self.mkdir(self.locks)
         path = self.locks / ("%s.lock" % hashlib.sha1(name.encode()).hexdigest()[:20])
-        if os.environ.get("CACHECTL_LOCKS") == "soft":
-            # for filesystems whose kernel locks are no-ops (NFS mounted nolock, some Lustre)
-            lock = filelock.SoftFileLock(str(path), timeout=timeout, lifetime=LOCK_LIFETIME, is_singleton=False)
+        if self.locking.kind == "soft":
+            lock = filelock.SoftFileLease(str(path), lease_duration=LEASE_SECONDS, timeout=timeout,
+                                          mode=self.modes.lock, is_singleton=False)
         else:
             # kernel locks vanish with their holder; filelock falls back to soft ones where
             # the filesystem refuses them
-            lock = filelock.FileLock(str(path), timeout=timeout, is_singleton=False)
+            lock = filelock.FileLock(str(path), timeout=timeout, mode=self.modes.lock, is_singleton=False)
         try:
             with lock:
                 yield
@@ -213,16 +332,28 @@ class Store:
 
     def ingest_file(self, path: Path) -> tuple[str, int]:
         """Copy `path` into the blobs, hashing as it goes; (sha256, size). Same bytes: no copy."""
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.mkdir(self.blobs)
         tmp = self.blobs / (".ingest.pid%d.%d%s" % (os.getpid(), time.monotonic_ns(), TMP_SUFFIX))
         h = hashlib.sha256()
         size = 0
+        zero = bytes(CHUNK)
         try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                while block := src.read(CHUNK):
+            # opened without blocking or following a planted link; read up to the size it
+            # had when opened, so a file that keeps growing cannot keep this copy going
+            with open(open_regular(path), "rb") as src, open(tmp, "wb") as dst:
+                before = os.fstat(src.fileno())
+                while size < before.st_size and (block := src.read(min(CHUNK, before.st_size - size))):
                     h.update(block)
-                    dst.write(block)
+                    if block == zero[:len(block)]:
+                        dst.seek(len(block), os.SEEK_CUR)  # a hole stays a hole: a sparse file is not made whole
+                    else:
+                        dst.write(block)
                     size += len(block)
+                dst.truncate(size)
+                after = os.fstat(src.fileno())
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    raise CachectlError(path, "changed while it was read (its writer is not done)",
+                                        "Wait until it is complete, then add it again.")
                 dst.flush()
                 os.fsync(dst.fileno())
             digest = h.hexdigest()
@@ -230,25 +361,31 @@ class Store:
             if final.exists():
                 tmp.unlink()
             else:
-                final.parent.mkdir(exist_ok=True)
-                os.chmod(tmp, 0o444)
+                self.mkdir(final.parent)
+                os.chmod(tmp, self.modes.blob)
                 os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return digest, size
 
-    def publish_blob(self, tmp: Path, suffix: str = "") -> tuple[str, int]:
-        """Move a finished temporary file into the blobs under its hash."""
-        digest = sha256_file(tmp)
+    def publish_blob(self, tmp: Path, suffix: str = "", digest: str | None = None) -> tuple[str, int]:
+        """Move a finished (fsynced) temporary file into the blobs under its hash, and sync
+        the folder it lands in. `digest`: its sha256, computed by its writer as it wrote."""
+        digest = digest or sha256_file(tmp)
         final = self.blob_path(digest, suffix)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self.mkdir(final.parent)
         size = tmp.stat().st_size
         if final.exists():
             tmp.unlink()
         else:
-            os.chmod(tmp, 0o444)
+            os.chmod(tmp, self.modes.blob)
             os.replace(tmp, final)
+            fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return digest, size
 
     def link_blob(self, sha256: str, suffix: str) -> str:
@@ -265,13 +402,14 @@ class Store:
         return sha256
 
     def new_tmp(self, suffix: str = "") -> Path:
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.mkdir(self.blobs)
         return self.blobs / (".new.pid%d.%d%s%s" % (os.getpid(), time.monotonic_ns(), suffix, TMP_SUFFIX))
 
     # -- manifests -------------------------------------------------------------------------
 
     def put_source(self, s: Source) -> None:
-        self.write_json(self.sources / ("%s.json" % s.sha256), {"format": FORMAT, **_to_json(s)})
+        # "format" is the store's format version in every file: the checkpoint's is apart
+        self.write_json(self.sources / ("%s.json" % s.sha256), {**_to_json(s), "checkpoint_format": s.format})
 
     def get_source(self, sha256: str) -> Source | None:
         raw = self.read_json(self.sources / ("%s.json" % sha256))
@@ -281,7 +419,7 @@ class Store:
         return {s.sha256: s for s in (_source(r) for r in self._read_all(self.sources))}
 
     def put_converted(self, c: Converted) -> None:
-        self.write_json(self.converted / ("%s.json" % c.id), {"format": FORMAT, **_to_json(c)})
+        self.write_json(self.converted / ("%s.json" % c.id), _to_json(c))
 
     def get_converted(self, cid: str) -> Converted | None:
         raw = self.read_json(self.converted / ("%s.json" % cid))
@@ -314,14 +452,14 @@ class Store:
 
     def get_link(self, env: str, source: str) -> Link | None:
         raw = self.read_json(self.links / env / ("%s.json" % source))
-        return Link(**raw) if raw else None
+        return Link(**_fields(raw)) if raw else None
 
     def all_links(self) -> list[Link]:
         out = []
         if self.links.is_dir():
             for env_dir in sorted(self.links.iterdir()):
                 if env_dir.is_dir():
-                    out += [Link(**r) for r in self._read_all(env_dir)]
+                    out += [Link(**_fields(r)) for r in self._read_all(env_dir)]
         return out
 
     def remove_link(self, env: str, source: str) -> None:
@@ -332,10 +470,10 @@ class Store:
 
     def get_env(self, name: str) -> Environment | None:
         raw = self.read_json(self.envs / ("%s.json" % name))
-        return Environment(**raw) if raw else None
+        return Environment(**_fields(raw)) if raw else None
 
     def all_envs(self) -> list[Environment]:
-        return [Environment(**r) for r in self._read_all(self.envs)]
+        return [Environment(**_fields(r)) for r in self._read_all(self.envs)]
 
     def remove_env(self, name: str) -> None:
         (self.envs / ("%s.json" % name)).unlink(missing_ok=True)
@@ -350,13 +488,13 @@ class Store:
         self.write_json(self.publications, {"format": FORMAT, "publications": [asdict(p) for p in publications]})
 
     def pins_of(self, env: str) -> dict[str, int]:
-        return self.read_json(self.pins / ("%s.json" % env)) or {}
+        return _pins(self.read_json(self.pins / ("%s.json" % env)))
 
     def put_pins(self, env: str, pins: dict[str, int]) -> None:
-        self.write_json(self.pins / ("%s.json" % env), pins)
+        self.write_json(self.pins / ("%s.json" % env), {"format": FORMAT, "pins": pins})
 
     def all_pins(self) -> dict[str, dict[str, int]]:
-        return {p.stem: self.read_json(p) or {} for p in sorted(self.pins.glob("*.json"))} if self.pins.is_dir() else {}
+        return {p.stem: self.pins_of(p.stem) for p in sorted(self.pins.glob("*.json"))} if self.pins.is_dir() else {}
 
     def _read_all(self, folder: Path, with_path: bool = False):
         if not folder.is_dir():
@@ -380,14 +518,24 @@ class Store:
         return [p for p in self.root.rglob(".*" + TMP_SUFFIX) if p.is_file()]
 
 
+def _pins(raw) -> dict[str, int]:
+    if raw is None:
+        return {}
+    # before format 1 a pins file was the bare {name: version} mapping
+    return dict(raw["pins"]) if "pins" in raw and "format" in raw else raw
+
+
 def _source(raw: dict) -> Source:
-    raw = {k: v for k, v in raw.items() if k != "format"}
+    # before the version was written, "format" held the checkpoint's format (a string)
+    checkpoint_format = raw.get("checkpoint_format", raw.get("format") if isinstance(raw.get("format"), str) else None)
+    raw = {k: v for k, v in raw.items() if k not in ("format", "checkpoint_format")}
+    raw["format"] = checkpoint_format
     raw["timm_versions"] = tuple(raw.get("timm_versions") or ())
     raw["prefixes"] = tuple(raw.get("prefixes") or ())
     return Source(**raw)
 
 
 def _converted(raw: dict) -> Converted:
-    raw = {k: v for k, v in raw.items() if k != "format"}
+    raw = _fields(raw)
     raw["steps"] = tuple(raw.get("steps") or ())
     return Converted(**raw)
