@@ -291,8 +291,10 @@ def _run_on_fingerprint_weights(ckpt: Checkpoint, plan_name: str, spec: ModelSpe
         why = proof.unprovable(layout, fp)
         if why:
             return why
-        # the default head, as the fingerprint was taken; every other kwarg as converted
+        # the source release's default head, as its fingerprint was taken; every other kwarg as converted
         kwargs = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+        if entry.default_num_classes is not None:
+            kwargs["num_classes"] = entry.default_num_classes
         try:
             run_spec = target.describe(spec.name, kwargs) if kwargs != dict(spec.kwargs) else spec
             shared = [k for k in run_spec.buffers if k in layout.specs and layout.specs[k].shape == run_spec.layout.specs[k].shape]
