@@ -1,16 +1,23 @@
-"""What a checkpoint is, in one value: the answer of `cachectl inspect`."""
+"""What a checkpoint is, in one value: the answer of `cachectl inspect`.
+
+It costs what reading headers costs: the file's layout comes from cachectl/headers.py
+(torch is imported only for a file the headers alone cannot describe), and whether it
+loads as-is in the target is answered from the catalog's layouts when the target's timm
+release is catalogued; only an uncatalogued release, or a model built otherwise than the
+catalog built it, is asked of the target interpreter itself.
+"""
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .catalog import Catalog
-from .convert import strict_check, target_model
-from .errors import CachectlError
+from .catalog import Catalog, version_key
+from .errors import CachectlError, NoPlanError
+from .headers import NotPlain, read_header
 from .identify import Candidate, Tag, find, part_of
-from .reader import Checkpoint, read
-from .target import Target
-
+from .layout import Layout, is_under
 
 @dataclass(frozen=True)
 class PartReport:
@@ -101,35 +108,174 @@ class Report:
         }
 
 
-def inspect_file(path: str | Path, target: Target, *, catalog: Catalog | None = None, ema: bool = True,
+def inspect_file(path: str | Path, python: str | None = None, *, catalog: Catalog | None = None, ema: bool = True,
                  model: str | None = None, prefixes: tuple[str, ...] | None = None) -> Report:
+    """Inspect `path` for the timm of `python` (None: the one beside cachectl)."""
     catalog = catalog or Catalog.load()
-    ckpt = read(path, ema=ema)
+    try:
+        ckpt = read_header(path, ema=ema)
+    except NotPlain:
+        from .reader import read  # it explains what is wrong, or reads what the headers cannot say
+
+        ckpt = read(path, ema=ema)
     found = find(ckpt, catalog, model=model, prefixes=prefixes)
-    parts = tuple(_part_report(part_of(ckpt, t.prefix), t, target, catalog, model)
-                  for t in found.tags)
+    release = timm_release(python)
+    target = None
+    parts = []
+    try:
+        for t in found.tags:
+            part = part_of(ckpt, t.prefix)
+            answer = from_catalog(t, part, catalog, release, model) if release in catalog.releases else None
+            if answer is None:
+                if target is None:
+                    from .target import Target
+
+                    target = Target(python)
+                answer = from_target(t, part, target, catalog, model)
+            parts.append(_part_report(part, t, answer))
+        installed = release if target is None else target.info().timm
+    finally:
+        if target is not None:
+            target.close()
     return Report(
         file=ckpt.path, format=ckpt.format, size=ckpt.size, tensors=len(ckpt.layout.tensors),
         parameters=sum(s.numel for _, s in ckpt.layout.tensors), container=ckpt.container,
         other_containers=ckpt.other_containers, stripped_prefix=ckpt.stripped_prefix,
-        layout=ckpt.layout.layout_id, parts=parts,
+        layout=ckpt.layout.layout_id, parts=tuple(parts),
         passthrough=tuple(ckpt.stripped_prefix + k for k in found.passthrough),
-        installed_timm=target.info().timm,
+        installed_timm=installed,
     )
 
 
-def _part_report(ckpt: Checkpoint, tag: Tag, target: Target, catalog: Catalog, model: str | None) -> PartReport:
-    best = tag.best
+def timm_release(python: str | None) -> str | None:
+    """The timm release of `python` (None: this interpreter) from its package metadata, without
+    importing timm; None when that cannot be told so (the agent then asks timm itself)."""
+    if python is None:
+        # the dist-info beside the timm that imports here (importlib.metadata costs 50 ms to import)
+        spec = importlib.util.find_spec("timm")
+        if spec is None or not spec.origin:
+            return None
+        found = list(Path(spec.origin).parent.parent.glob("timm-*.dist-info"))
+        if len(found) == 1:
+            return found[0].name[len("timm-"):-len(".dist-info")]
+        from importlib import metadata
+
+        try:
+            return metadata.version("timm")
+        except metadata.PackageNotFoundError:
+            return None
+    try:
+        proc = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('timm'))"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class AsIs:
+    """Whether a part loads strictly as it is: the model to build for it, and why not."""
+
+    architecture: str | None  # the name in the target timm (None: it has no such model)
+    loads: bool
+    problem: str | None
+
+
+def from_catalog(tag: Tag, ckpt, catalog: Catalog, release: str, override: str | None) -> AsIs | None:
+    """What the target would answer (convert.target_model, its describe, strict_check),
+    from the catalog's layouts of `release`; None where the catalog did not build the model
+    the target would (a pretrained tag other than the default, a model the dump could not build)."""
+    models, renamed = catalog.models(release), catalog.deprecated(release)
+    names = [override] if override else _name_candidates(tag.best.architecture, ckpt, catalog)
+    for candidate in names:
+        if candidate in renamed:
+            resolved = renamed[candidate]
+        elif candidate.split(".")[0] in models:
+            base = candidate.split(".")[0]
+            resolved = candidate if "." in candidate and version_key(release) >= (0, 9) else base
+        elif candidate.split(".")[0] in catalog.failed(release):
+            return None
+        else:
+            continue
+        break
+    else:
+        return AsIs(None, False, str(NoPlanError(
+            ckpt.path, "timm %s has no model %s" % (release, " or ".join(names)),
+            "Convert for an environment with a timm release that has it, or pass --model NAME.")))
+    base, _, wanted_tag = resolved.partition(".")
+    entry = models.get(base)
+    tags = catalog.tags(release, base)
+    if entry is None or (wanted_tag and (not tags or tags[0].tag != wanted_tag)):
+        return None
+    n = tag.best.num_classes
+    if (n is None or n == entry.default_num_classes) and entry in catalog.by_layout(ckpt.layout.layout_id):
+        return AsIs(resolved, True, None)  # the same layout: no need to read the catalog's layouts
+    want = catalog.layout(entry.layout_index)
+    if n is not None and n != entry.default_num_classes:
+        if not entry.classifier:
+            return None
+        rows = []
+        for k, spec in want.tensors:
+            if is_under(k, entry.classifier):
+                if n == 0:
+                    continue  # no head: its keys go
+                if not spec.shape or spec.shape[0] != entry.default_num_classes:
+                    return None
+                spec = type(spec)((n,) + spec.shape[1:], spec.dtype)
+            rows.append((k, spec))
+        want = Layout(tuple(rows))
+    problem = mismatch(ckpt.layout, want)
+    return AsIs(resolved, problem is None, problem)
+
+
+def _name_candidates(arch: str, ckpt, catalog: Catalog) -> list[str]:
+    # as convert._name_candidates: `arch`, its newer names, the older names that became it
+    names = [arch]
+    hint = ckpt.hints.architecture
+    if hint and hint.split(".")[0] == arch and "." in hint:
+        names.insert(0, hint)
+    for release in reversed(catalog.releases):
+        table = catalog.deprecated(release)
+        if arch in table and table[arch] not in names:
+            names.append(table[arch])
+        names += [old for old, new in table.items() if new.split(".")[0] == arch and old not in names]
+    return names
+
+
+def mismatch(have: Layout, want: Layout, limit: int = 6) -> str | None:
+    """convert.strict_check's answer on layouts: None when they are equal, else what differs."""
+    got, wanted = have.specs, want.specs
+    parts = []
+    for label, items in (("missing", [k for k in wanted if k not in got]),
+                         ("unexpected", sorted(k for k in got if k not in wanted))):
+        if items:
+            more = " and %d more" % (len(items) - limit) if len(items) > limit else ""
+            parts.append("%s %s%s" % (label, ", ".join(items[:limit]), more))
+    shapes = [(k, got[k].shape, s.shape) for k, s in wanted.items() if k in got and got[k].shape != s.shape]
+    if shapes:
+        parts.append("shape %s" % "; ".join("%s %s vs %s" % (k, list(a), list(b)) for k, a, b in shapes[:limit]))
+    return "; ".join(parts) or None
+
+
+def from_target(tag: Tag, ckpt, target, catalog: Catalog, model: str | None) -> AsIs:
+    """Ask the target interpreter: build the model, compare its state dict's layout."""
+    from .convert import target_model
+
     try:
         choice = target_model(tag, ckpt, target, catalog, model)
         spec = target.describe(choice.name, choice.kwargs)
-        mismatch = strict_check(ckpt.tensors, spec.layout)
-        name, loads, problem = choice.name, mismatch.ok, None if mismatch.ok else mismatch.describe()
     except CachectlError as exc:
-        name, loads, problem = None, False, str(exc)
+        return AsIs(None, False, str(exc))
+    problem = mismatch(ckpt.layout, spec.layout)
+    return AsIs(choice.name, problem is None, problem)
+
+
+def _part_report(ckpt, tag: Tag, answer: AsIs) -> PartReport:
+    best = tag.best
     return PartReport(
-        prefix=(ckpt.stripped_prefix + tag.prefix) if tag.prefix else "", architecture=name,
+        prefix=(ckpt.stripped_prefix + tag.prefix) if tag.prefix else "", architecture=answer.architecture,
         source_architecture=best.architecture, timm_versions=best.timm_versions, confidence=tag.confidence,
         score=best.score, num_classes=best.num_classes, chosen_by=tag.chosen_by, ambiguous=tag.ambiguous,
-        alternatives=tag.alternatives, tensors=len(ckpt.layout.tensors), loads_as_is=loads, as_is_problem=problem,
+        alternatives=tag.alternatives, tensors=len(ckpt.layout.tensors), loads_as_is=answer.loads,
+        as_is_problem=answer.problem,
     )

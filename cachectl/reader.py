@@ -21,16 +21,14 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
+# what needs no torch is shared with the header reader that `inspect` uses
+from .headers import CONTAINERS, EMA_CONTAINERS, SAFETENSORS_HEADER_LIMIT, Hints
+from .headers import merge_hints as _merge_hints
+from .headers import repo_id as _repo_id
+from .headers import strip_prefixes as _strip_prefixes
 from .layout import Layout, TensorSpec
 from .paths import SNAPSHOT_WEIGHTS
 
-# Containers people wrap weights in, in the order timm's own load_checkpoint prefers them
-# with use_ema=False; with use_ema=True (its default) the EMA copies come first.
-CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
-EMA_CONTAINERS = ("state_dict_ema", "model_ema")
-# Prefixes added by DataParallel/DDP, torch.compile and training wrappers.
-PREFIXES = ("module.", "_orig_mod.", "model.")
-SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,17 +41,6 @@ ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-@dataclass(frozen=True)
-class Hints:
-    """What the file says about itself besides its tensors."""
-
-    architecture: str | None = None  # a model name, from metadata, config.json or `arch`
-    architecture_source: str | None = None  # where that name came from
-    num_classes: int | None = None
-    repo_id: str | None = None  # an HF repo name, e.g. timm/vit_base_patch16_224.augreg_in21k
-    cachectl: Mapping[str, str] = field(default_factory=dict)  # metadata cachectl wrote itself
 
 
 @dataclass(frozen=True)
@@ -340,32 +327,6 @@ def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict, str | None, tuple[st
     )
 
 
-def _strip_prefixes(state: dict) -> tuple[dict, str]:
-    stripped = ""
-    while state:
-        for prefix in PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped += prefix
-                break
-        else:
-            break
-    return state, stripped
-
-
-def _merge_hints(hints: Hints, extras: dict, metadata: Mapping[str, str]) -> Hints:
-    ours = {k[len("cachectl."):]: v for k, v in metadata.items() if k.startswith("cachectl.")}
-    arch, source, num_classes = hints.architecture, hints.architecture_source, hints.num_classes
-    if ours.get("model"):
-        arch, source = ours["model"], "cachectl metadata"
-    elif not arch and isinstance(extras.get("arch"), str):
-        arch, source = extras["arch"], "the checkpoint's arch field"
-    if isinstance(extras.get("num_classes"), int):
-        num_classes = extras["num_classes"]
-    return Hints(architecture=arch, architecture_source=source, num_classes=num_classes,
-                 repo_id=hints.repo_id, cachectl=ours)
-
-
 def _read_snapshot(folder: Path, ema: bool) -> Checkpoint:
     """An HF snapshot folder: config.json beside model.safetensors or pytorch_model.bin."""
     for name in SNAPSHOT_WEIGHTS:
@@ -394,11 +355,3 @@ def _read_snapshot(folder: Path, ema: bool) -> Checkpoint:
         hints = Hints(architecture=hints.repo_id.split("/", 1)[1], architecture_source="the hub repo name",
                       num_classes=hints.num_classes, repo_id=hints.repo_id)
     return _read_file(folder, weights, ema, hints)
-
-
-def _repo_id(folder: Path) -> str | None:
-    # .../models--timm--vit_base_patch16_224.augreg_in21k/snapshots/<rev>
-    for part in (folder.resolve().parent.parent.name, folder.name):
-        if part.startswith("models--"):
-            return "/".join(part[len("models--"):].split("--"))
-    return None

@@ -1,0 +1,172 @@
+"""The commands that answer at once, as a user runs them: whole process, from the command line.
+
+    nice -n 10 python -m benchmarks.commands [--runs 5] [--entries 10000]    (also part of make bench)
+
+Prints, beside two baselines measured in the same run (`python -c pass`, and
+`python -c "import torch"`, what every command paid before it read headers only):
+  - `cachectl inspect --json` of a ~100 MB and a ~2.5 GB checkpoint, each as .safetensors
+    and as .pth: median wall time and peak RSS (targets: 0.3 s, 100 MB);
+  - `cachectl list`, `list --json`, `show`, `path`, `pins` and `status` on a store of 10,000
+    entries (target for list: 0.5 s).
+The checkpoints hold the exact layout (keys, shapes, dtypes) the catalog records for
+resnet50 and vit_huge_patch14_224 in the installed timm, with uninitialised values: no model
+is built, and inspect identifies them as those models, loading as-is. The store is written
+with the store's own writers, without converting (fsync skipped: the same files, in seconds).
+Everything is made in a temporary folder and removed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+BIN = Path(sys.executable).parent
+# (model, what its file weighs): the layouts the checkpoints are made of
+CHECKPOINTS = (("resnet50", "~100 MB"), ("vit_huge_patch14_224", "~2.5 GB"))
+INSPECT_SECONDS, INSPECT_RSS, LIST_SECONDS = 0.3, 100e6, 0.5
+
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # median wall time, interpreter start included
+    peak_rss: int  # bytes: the median of each run's own peak (wait4's rusage of that child)
+
+
+def measure(cmd: list[str], runs: int, env: dict | None = None) -> Run:
+    times, peaks = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        times.append(time.perf_counter() - start)
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code
+        if code not in (0, 3):  # status exits 3 when no daemon runs: an answer, not a failure
+            raise SystemExit("%s failed (exit %d): %s" % (" ".join(cmd), code, err.decode()[-2000:]))
+        peaks.append(usage.ru_maxrss * 1024)
+    return Run(statistics.median(times), int(statistics.median(peaks)))
+
+
+def cachectl() -> list[str]:
+    script = BIN / "cachectl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cachectl.cli"]
+
+
+def make_checkpoints(folder: str) -> None:
+    """Each CHECKPOINTS model's catalogued layout as .safetensors and .pth, values left unset."""
+    import importlib.metadata
+
+    import torch
+
+    from cachectl.catalog import Catalog
+    from cachectl.safetensors_io import write
+
+    catalog = Catalog.load()
+    release = importlib.metadata.version("timm")
+    for model, _ in CHECKPOINTS:
+        layout = catalog.layout(catalog.models(release)[model].layout_index)
+        # torch.empty: pages nobody writes are the kernel's zero page, so writing 2.5 GB
+        # needs no 2.5 GB of memory
+        state = {k: torch.empty(s.shape, dtype=getattr(torch, s.dtype)) for k, s in layout.tensors}
+        st, pth = Path(folder) / ("%s.safetensors" % model), Path(folder) / ("%s.pth" % model)
+        with mock.patch("os.fsync"):
+            write(st, state, {})
+        torch.save(state, pth)
+        del state
+
+
+def fill_store(root: str | Path, n: int) -> None:
+    """n entries as the store holds them after `cachectl add`, written by the store's own
+    writers without converting: a source, a blob, a converted file and the default
+    environment's link each, in names of ten versions."""
+    import importlib.metadata
+
+    from cachectl.store import Converted, Environment, Link, Source, Store, Version
+
+    timm = importlib.metadata.version("timm")
+    now = time.time()
+    with mock.patch("os.fsync"):
+        store = Store(root).init()
+        store.put_env(Environment("default", None, timm, importlib.metadata.version("torch"), now))
+        for i in range(n):
+            sha = "%064x" % i
+            store.put_source(Source(sha, 1000, "/inbox/m%d.pth" % i, now - i, "torch-zip", "resnet18", (timm,),
+                                    "exact", 1000))
+            for path in (store.blob_path(sha), store.blob_path(sha, ".safetensors")):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"x" * 1000)
+            cid = "%s-l" % sha[:16]
+            store.put_converted(Converted(cid, sha, "l", timm, "resnet18", {}, sha, 1000, now, ("as-is",)))
+            store.put_link(Link("default", sha, timm, cid, None, now))
+        for j in range((n + 9) // 10):
+            store.put_versions("m%d" % j, [Version("m%d" % j, v + 1, "%064x" % (j * 10 + v), now - j * 10 - v, "/inbox")
+                                           for v in range(min(10, n - j * 10))])
+
+
+def _mb(n: float) -> str:
+    return "%.0f MB" % (n / 1e6) if n < 1e9 else "%.2f GB" % (n / 1e9)
+
+
+def run(runs: int = 5, entries: int = 10_000) -> list[str]:
+    """The tables, as markdown lines."""
+    py = sys.executable
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="cachectl-bench-commands-") as tmp:
+        tmp = Path(tmp)
+        # made by children: a child's peak RSS counts what it inherited at fork, so this
+        # process stays as small as `python -c pass`
+        start = time.perf_counter()
+        subprocess.run([py, "-c", "import sys; from benchmarks.commands import make_checkpoints as m; m(sys.argv[1])",
+                        str(tmp)], check=True)
+        files = [tmp / ("%s%s" % (model, suffix)) for model, _ in CHECKPOINTS for suffix in (".safetensors", ".pth")]
+        made = time.perf_counter() - start
+        start = time.perf_counter()
+        subprocess.run([py, "-c", "import sys; from benchmarks.commands import fill_store as f; f(sys.argv[1], int(sys.argv[2]))",
+                        str(tmp / "root"), str(entries)], check=True)
+        filled = time.perf_counter() - start
+        base = measure([py, "-c", "pass"], runs)
+        torch = measure([py, "-c", "import torch"], runs)
+        lines += ["## commands that answer at once (median of %d runs, whole process)" % runs,
+                  "checkpoints made in %.0f s; %d store entries written in %.1f s" % (made, entries, filled), "",
+                  "| command | file | size | s | peak RSS | s / `python -c pass` | s / `import torch` | target |",
+                  "|---|---|---|---|---|---|---|---|",
+                  "| `python -c pass` | | | %.3f | %s | 1.00 | %.2f | baseline |" % (
+                      base.seconds, _mb(base.peak_rss), base.seconds / torch.seconds),
+                  "| `python -c \"import torch\"` | | | %.3f | %s | %.1f | 1.00 | baseline |" % (
+                      torch.seconds, _mb(torch.peak_rss), torch.seconds / base.seconds)]
+        for f in files:
+            r = measure(cachectl() + ["inspect", str(f), "--json"], runs)
+            ok = r.seconds < INSPECT_SECONDS and r.peak_rss < INSPECT_RSS
+            lines.append("| `cachectl inspect --json` | %s | %s | %.3f | %s | %.1f | %.2f | < %.1f s, < %s: %s |" % (
+                f.name, _mb(f.stat().st_size), r.seconds, _mb(r.peak_rss), r.seconds / base.seconds,
+                r.seconds / torch.seconds, INSPECT_SECONDS, _mb(INSPECT_RSS), "met" if ok else "MISSED"))
+        env = dict(os.environ, CACHECTL_ROOT=str(tmp / "root"))
+        for args in (["list"], ["list", "--json"], ["show", "m0"], ["path", "m0"], ["pins"], ["status"]):
+            r = measure(cachectl() + args, runs, env)
+            target = ("< %.1f s: %s" % (LIST_SECONDS, "met" if r.seconds < LIST_SECONDS else "MISSED")
+                      if args[0] == "list" else "")
+            lines.append("| `cachectl %s` | %d entries | | %.3f | %s | %.1f | %.2f | %s |" % (
+                " ".join(args), entries, r.seconds, _mb(r.peak_rss), r.seconds / base.seconds,
+                r.seconds / torch.seconds, target))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--entries", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    print("\n".join(run(args.runs, args.entries)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
