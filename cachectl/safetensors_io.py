@@ -1,14 +1,23 @@
-"""Write safetensors one tensor at a time, atomically (hidden temporary, fsync, rename).
+"""Write safetensors atomically (hidden temporary, one fsync, rename), in one pass.
 
 Tensors that are untouched bytes of the source file are copied by the kernel
-(copy_file_range) instead of through this process, which is what makes a conversion
-cost about what `cp` costs.
+(copy_file_range: a reflink where the filesystem shares extents, an in-kernel copy
+elsewhere), never through this process. They are laid out in the order they lie in the
+source, so neighbours in the source stay neighbours in the output and each stretch of
+them is one copy: a safetensors file whose tensors were only renamed is a new header and
+one copy of its whole data region. Only tensors made in memory (filled buffers, results
+of a migration that computes) are written from this process. safetensors itself wants
+the data region covered by the tensors without gaps, which this layout keeps, in any
+order of names.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -17,9 +26,27 @@ import torch
 from .reader import ST_NAMES
 
 CHUNK = 64 * 1024 * 1024
+HASH_CHUNK = 8 * 1024 * 1024
 # Deferred metadata values (hex sha256 digests) are written last over a placeholder of
 # the same width, so they can be computed while the data is written.
 DEFERRED_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class Written:
+    size: int  # bytes in the file
+    sha256: str | None  # of the whole file, when asked for; computed while it was written
+    copies: int  # kernel copies made: 1 for a safetensors file whose tensors were only renamed
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Output bytes that come from one place: `at` in the source (kernel-copied) or,
+    with at=None, the tensors `keys` from memory."""
+
+    keys: tuple[str, ...]
+    at: int | None
+    size: int
 
 
 def write(
@@ -30,60 +57,130 @@ def write(
     deferred: Mapping[str, Callable[[], str]] | None = None,
     source: Path | None = None,
     span: Callable[[torch.Tensor], int | None] | None = None,
-) -> int:
-    """Write `tensors` to `path`; returns the bytes written. Memory: one tensor at a time.
+    digest: bool = False,
+    sync_folder: bool = True,
+) -> Written:
+    """Write `tensors` to `path`. Memory: one tensor at a time, only for tensors not in `source`.
 
     `span(t)` gives the offset in `source` where t's bytes lie unchanged, or None.
+    `digest`: also return the file's sha256, hashed on another thread while the kernel
+    copies (from the source's bytes, which are the output's), so the output is never read
+    back. `sync_folder=False` leaves the folder's fsync to a caller that renames the file
+    again (the store does, into its final folder).
     """
     deferred = deferred or {}
+    if digest and deferred:
+        raise ValueError("a file with deferred metadata has no digest until it is written")
     meta = {**metadata, **{k: "0" * DEFERRED_WIDTH for k in deferred}}
-    header: dict = {"__metadata__": meta} if meta else {}
-    offset = 0
-    order = sorted(tensors)
-    for key in order:
-        t = tensors[key]
+    for key, t in tensors.items():
         if t.dtype not in ST_NAMES:
             raise ValueError("%s: dtype %s has no safetensors name" % (key, t.dtype))
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = _header_bytes(header)
-    path = Path(path)
-    tmp = path.with_name(".%s.pid%d.tmp" % (path.name, os.getpid()))
     src_fd = os.open(source, os.O_RDONLY) if source is not None and span is not None else None
     try:
-        # unbuffered: kernel copies move the file offset underneath any buffer
-        with open(tmp, "wb", buffering=0) as f:
-            _write_all(f, struct.pack("<Q", len(blob)) + blob)
-            for key in order:
-                t = tensors[key]
-                at = span(t) if src_fd is not None else None
-                if at is None or not _kernel_copy(src_fd, f, at, t.numel() * t.element_size()):
-                    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    for start in range(0, flat.numel(), CHUNK):
-                        _write_all(f, memoryview(flat[start:start + CHUNK].numpy()))
-            if deferred:
-                final = {**meta, **{k: fn() for k, fn in deferred.items()}}
-                if any(len(final[k]) != DEFERRED_WIDTH for k in deferred):
-                    raise ValueError("deferred metadata must be %d characters" % DEFERRED_WIDTH)
-                header["__metadata__"] = final
-                f.seek(8)
-                _write_all(f, _header_bytes(header))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        at = {k: span(t) for k, t in tensors.items()} if src_fd is not None else {}
+        runs = _runs(tensors, at)
+        offsets, offset = {}, 0
+        for run in runs:
+            for key in run.keys:
+                n = _nbytes(tensors[key])
+                offsets[key] = (offset, offset + n)
+                offset += n
+        header: dict = {"__metadata__": meta} if meta else {}
+        for key in sorted(tensors):  # names in order; their bytes in the source's order
+            t = tensors[key]
+            header[key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[key])}
+        head = _framed(header)
+        path = Path(path)
+        tmp = path.with_name(".%s.pid%d.tmp" % (path.name, os.getpid()))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hashing = pool.submit(_sha256, head, runs, tensors, src_fd) if digest else None
+            try:
+                # unbuffered: kernel copies move the file offset underneath any buffer
+                with open(tmp, "wb", buffering=0) as f:
+                    _write_all(f, head)
+                    copies = sum(_put(f, run, tensors, src_fd) for run in runs)
+                    if deferred:
+                        header["__metadata__"] = {**meta, **{k: fn() for k, fn in deferred.items()}}
+                        final = _framed(header)
+                        if len(final) != len(head):
+                            raise ValueError("deferred metadata must be %d characters" % DEFERRED_WIDTH)
+                        f.seek(0)
+                        _write_all(f, final)
+                    os.fsync(f.fileno())
+                sha = hashing.result() if hashing else None
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     finally:
         if src_fd is not None:
             os.close(src_fd)
-    _fsync_dir(path.parent)
-    return 8 + len(blob) + offset
+    if sync_folder:
+        _fsync_dir(path.parent)
+    return Written(len(head) + offset, sha, copies)
 
 
-def _header_bytes(header: dict) -> bytes:
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _runs(tensors: Mapping[str, torch.Tensor], at: Mapping[str, int | None]) -> list[_Run]:
+    """Tensors found in the source, in its order, joined where they touch; then the rest."""
+    found = sorted((k for k in tensors if at.get(k) is not None), key=lambda k: (at[k], k))
+    runs: list[_Run] = []
+    for key in found:
+        n = _nbytes(tensors[key])
+        last = runs[-1] if runs else None
+        if last is not None and last.at is not None and last.at + last.size == at[key]:
+            runs[-1] = _Run(last.keys + (key,), last.at, last.size + n)
+        else:
+            runs.append(_Run((key,), at[key], n))
+    rest = tuple(sorted(k for k in tensors if at.get(k) is None))
+    if rest:
+        runs.append(_Run(rest, None, sum(_nbytes(tensors[k]) for k in rest)))
+    return runs
+
+
+def _put(f, run: _Run, tensors: Mapping[str, torch.Tensor], src_fd: int | None) -> int:
+    """Write one run; the kernel copies it when it can. Returns the kernel copies made."""
+    if run.at is not None and _kernel_copy(src_fd, f, run.at, run.size):
+        return 1
+    for key in run.keys:
+        for block in _blocks(tensors[key], CHUNK):
+            _write_all(f, block)
+    return 0
+
+
+def _blocks(t: torch.Tensor, size: int):
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), size):
+        yield memoryview(flat[start:start + size].numpy())
+
+
+def _sha256(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor], src_fd: int | None) -> str:
+    """The output's sha256 from the bytes it is made of: the source's page cache for
+    kernel-copied runs (pread, not the file offset the writer moves), memory for the rest."""
+    h = hashlib.sha256(head)
+    for run in runs:
+        if run.at is not None:
+            done = 0
+            while done < run.size:
+                block = os.pread(src_fd, min(HASH_CHUNK, run.size - done), run.at + done)
+                if not block:
+                    raise OSError("the source ended %d bytes early" % (run.size - done))
+                h.update(block)
+                done += len(block)
+        else:
+            for key in run.keys:
+                for block in _blocks(tensors[key], HASH_CHUNK):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def _framed(header: dict) -> bytes:
     blob = json.dumps(header, separators=(",", ":")).encode()
-    return blob + b" " * (-len(blob) % 8)  # the data starts 8-aligned, as safetensors writes it
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-aligned, as safetensors writes it
+    return struct.pack("<Q", len(blob)) + blob
 
 
 def _write_all(f, data) -> None:
