@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -158,22 +159,27 @@ def _blocks(t: torch.Tensor, size: int):
 
 
 def _sha256(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor], src_fd: int | None) -> str:
-    """The output's sha256 from the bytes it is made of: the source's page cache for
-    kernel-copied runs (pread, not the file offset the writer moves), memory for the rest."""
+    """The output's sha256 from the bytes it is made of: the source mapped (its page
+    cache, no copy into this process, and not the file offset the writer moves) for
+    kernel-copied runs, memory for the rest."""
     h = hashlib.sha256(head)
-    for run in runs:
-        if run.at is not None:
-            done = 0
-            while done < run.size:
-                block = os.pread(src_fd, min(HASH_CHUNK, run.size - done), run.at + done)
-                if not block:
-                    raise OSError("the source ended %d bytes early" % (run.size - done))
-                h.update(block)
-                done += len(block)
-        else:
-            for key in run.keys:
-                for block in _blocks(tensors[key], HASH_CHUNK):
-                    h.update(block)
+    mapped = mmap.mmap(src_fd, 0, prot=mmap.PROT_READ) if any(r.at is not None for r in runs) else None
+    view = memoryview(mapped) if mapped is not None else None
+    try:
+        for run in runs:
+            if run.at is not None:
+                if run.at + run.size > len(view):
+                    raise OSError("the source ended %d bytes early" % (run.at + run.size - len(view)))
+                for start in range(run.at, run.at + run.size, HASH_CHUNK):
+                    h.update(view[start:min(start + HASH_CHUNK, run.at + run.size)])
+            else:
+                for key in run.keys:
+                    for block in _blocks(tensors[key], HASH_CHUNK):
+                        h.update(block)
+    finally:
+        if view is not None:
+            view.release()
+            mapped.close()
     return h.hexdigest()
 
 
