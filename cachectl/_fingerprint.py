@@ -5,7 +5,7 @@ Two (model, release) entries whose state dicts hold the same generated tensors (
 from one to the other as-is would load strictly and give other outputs.
 
 This file is the one definition of the weights, the input and the numbers kept. It runs
-inside any timm release from 0.4.12 on (tools/fingerprint_dump.py loads it with runpy,
+inside any timm release from 0.4.12 on (cachectl/_fingerprint_dump.py loads it with runpy,
 tests run it as a script under a release), so, like _agent.py, it imports only the
 standard library, torch and timm, and never cachectl.
 

@@ -1,7 +1,7 @@
 """The layout catalog: which timm releases produce which state-dict layout, for every model.
 
-Built from the real releases by `python -m tools.build_catalog` and shipped in the
-package; see tools/build_catalog.py for the format (versioned by FORMAT_VERSION).
+Built from the real releases by `cachectl catalog build` and shipped in the package;
+see cachectl/catalog_build.py for the format (versioned by FORMAT_VERSION).
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ class Catalog:
     def __init__(self, data: dict, path: Path):
         if data.get("format") != "cachectl-catalog" or data.get("version") != FORMAT_VERSION:
             raise CachectlError(path, "is not a version %d cachectl catalog" % FORMAT_VERSION,
-                                "Reinstall cachectl, or rebuild the catalog with python -m tools.build_catalog.")
+                                "Reinstall cachectl, or rebuild the catalog with cachectl catalog build.")
         self.path = path
         self._data = data
         self.releases: tuple[str, ...] = tuple(sorted(data["releases"], key=version_key))

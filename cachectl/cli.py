@@ -816,6 +816,63 @@ def views_verify(ctx: click.Context, env: str | None) -> None:
     click.echo("all views good")
 
 
+# -- the catalog -------------------------------------------------------------------------
+
+
+@main.group()
+def catalog() -> None:
+    """The layout catalog: the timm releases cachectl knows, what each model of each makes."""
+
+
+@catalog.command(name="list")
+@json_option
+def catalog_list(as_json: bool) -> None:
+    """The timm releases the catalog covers: models, and how far their fingerprints go."""
+    from .catalog import Catalog
+    from .fingerprint_build import load_shipped
+
+    c = Catalog.load()
+    fingerprinted = load_shipped()["releases"]
+    rows = [{"timm": r, "models": len(c.models(r)), "failed": len(c.failed(r)),
+             "fingerprints": len(fingerprinted.get(r, {}).get("models", {})),
+             "fingerprints_complete": bool(fingerprinted.get(r, {}).get("complete"))} for r in c.releases]
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        click.echo("timm %-8s %5d models (%d not buildable), %d fingerprinted%s" % (
+            row["timm"], row["models"], row["failed"], row["fingerprints"],
+            "" if row["fingerprints_complete"] else " (partial)"))
+
+
+@catalog.command(name="build")
+@click.argument("versions", nargs=-1, metavar="[VERSION]...")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Releases fingerprinted at once.")
+@click.option("--fingerprints/--no-fingerprints", default=True, show_default=True,
+              help="Also take the math fingerprints of releases whose fingerprints are not complete.")
+@click.option("--first-only", is_flag=True,
+              help="Fingerprint only the models the tests and math-change tables name (the release ships as partial).")
+def catalog_build(versions: tuple[str, ...], jobs: int, fingerprints: bool, first_only: bool) -> None:
+    """Add timm releases to the catalog inside this installation of cachectl.
+
+    Each release is installed beside the others with pip (PIP_NO_INDEX=1 and
+    PIP_FIND_LINKS=WHEELHOUSE work offline) under $CACHECTL_BUILD_DIR (default: your cache
+    folder), every model is built without weights in an interpreter importing it and its
+    layout recorded, then it is merged into the catalog; then its math fingerprints are
+    taken (about 15 CPU minutes a release). Stopped or crashed, it goes on where it was.
+
+    \b
+    Examples:
+      cachectl catalog build 1.0.32
+      PIP_NO_INDEX=1 PIP_FIND_LINKS=/shared/wheelhouse cachectl catalog build 1.0.32
+    """
+    from .catalog_build import build
+
+    build(list(versions), fingerprints=fingerprints, jobs=jobs, first_only=first_only,
+          say=lambda line: click.echo(line, err=True))
+
+
 # -- the daemon --------------------------------------------------------------------------
 
 

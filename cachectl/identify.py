@@ -132,7 +132,7 @@ def _no_match(ckpt: Checkpoint, catalog: Catalog) -> IdentifyError:
         % ", ".join(catalog.releases),
         "If a timm model sits inside it with extra keys of its own, say where with --prefix "
         "(e.g. --prefix backbone.); if it is a timm model from a newer release, add that release "
-        "to the catalog (python -m tools.build_catalog VERSION); otherwise it is not a timm checkpoint.",
+        "to the catalog (cachectl catalog build VERSION); otherwise it is not a timm checkpoint.",
     )
 
 

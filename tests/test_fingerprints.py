@@ -2,7 +2,7 @@
 to carry a file between entries that compute differently (issue 9, part 1).
 
 The fingerprints are the shipped ones (cachectl/data/catalog/fingerprints-v1.json.gz, made by
-python -m tools.build_fingerprints); a test needing a release or model the shipped file does
+cachectl catalog build); a test needing a release or model the shipped file does
 not have yet is skipped with the reason."""
 import json
 import subprocess

@@ -1,10 +1,9 @@
 """Build the math fingerprints shipped beside the catalog (cachectl/data/catalog/fingerprints-v1.json.gz).
 
-    python -m tools.build_fingerprints                     # every catalogued release not done yet, 2 at a time
-    python -m tools.build_fingerprints 0.9.2 0.9.16 -j 1   # these releases
-    python -m tools.build_fingerprints --merge             # ship the dumps made so far
+    cachectl catalog build                        # every catalogued release not done yet, 2 at a time
+    cachectl catalog build 0.9.2 --jobs 1         # (with a release already catalogued: its fingerprints)
 
-Each release runs tools/fingerprint_dump.py at `nice -n 19` on one thread (resumable: a
+Each release runs cachectl/_fingerprint_dump.py at `nice -n 19` on one thread (resumable: a
 crash skips the model it happened in, and says so). Releases whose dump finished are
 merged into the shipped file as each finishes, beside the releases it already holds, so a
 long build can be committed release by release; `--first-only` fingerprints only the models
@@ -12,7 +11,6 @@ the tests and the hand-written math-change tables name, and ships the release as
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import gzip
 import json
@@ -22,12 +20,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-from cachectl.catalog import CATALOG_DIR, FINGERPRINTS_VERSION, fingerprints_path, version_key
-from tools.timm_releases import CATALOG_RELEASES, ROOT, release_env
+from .catalog import CATALOG_DIR, FINGERPRINTS_VERSION, fingerprints_path, version_key
+from .errors import CachectlError
+from .releases import BOOT, env_for, script, work_dir
 
-DUMPS = ROOT / "build" / "fingerprints"
-DUMP = ROOT / "tools" / "fingerprint_dump.py"
 _write_lock = threading.Lock()
 
 
@@ -38,10 +36,14 @@ FIRST = ("resnet18", "resnet50", "efficientnet_b0", "tf_efficientnet_b0", "tf_ef
          "levit_128s", "pit_ti_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224")
 
 
+def dumps_dir() -> Path:
+    return work_dir() / "fingerprints"
+
+
 def first_names() -> list[str]:
     """FIRST and every model a hand-written math change names, in any catalogued release."""
-    from cachectl import migrations
-    from cachectl.catalog import Catalog
+    from . import migrations
+    from .catalog import Catalog
 
     catalog = Catalog.load()
     names = set(FIRST)
@@ -52,22 +54,23 @@ def first_names() -> list[str]:
     return sorted(names)
 
 
-def dump(version: str, first_only: bool = False) -> Path:
-    out = DUMPS / ("%s.jsonl" % version)
+def dump(version: str, first_only: bool = False, say: Callable[[str], None] = print) -> Path:
+    out = dumps_dir() / ("%s.jsonl" % version)
     out.parent.mkdir(parents=True, exist_ok=True)
-    first = DUMPS / "first.txt"
+    first = dumps_dir() / "first.txt"
     first.write_text("\n".join(first_names()) + "\n")
-    env = dict(release_env(version), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(env_for(version), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for attempt in range(50):
         if _finished(out):
             return out
-        print("fingerprinting timm %s (attempt %d)" % (version, attempt + 1), flush=True)
-        proc = subprocess.run(["nice", "-n", "19", sys.executable, str(DUMP), str(out), str(first)]
-                              + (["--first-only"] if first_only else []),
+        say("timm %s: fingerprinting every model (%s, attempt %d)" % (version, out, attempt + 1))
+        proc = subprocess.run(["nice", "-n", "19", sys.executable, "-c", BOOT, script("_fingerprint_dump.py"), str(out),
+                               str(first)] + (["--first-only"] if first_only else []),
                               env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if proc.returncode == 0:
             return out
-    raise SystemExit("timm %s: the fingerprint dump keeps crashing; see %s" % (version, out))
+    raise CachectlError(out, "timm %s: the fingerprint dump keeps crashing" % version,
+                        "Read the last lines of this file for the model it stops at.")
 
 
 def _finished(path: Path) -> bool:
@@ -106,7 +109,7 @@ def release_record(path: Path) -> dict:
             else:
                 failed[name] = rec["error"]
     if len(methods) > 1:
-        raise SystemExit("%s mixes fingerprint methods %s: delete it and fingerprint the release again" % (path, sorted(methods)))
+        raise CachectlError(path, "mixes fingerprint methods %s" % sorted(methods), "Delete it and build again.")
     return {
         # an unfinished dump ships as it is: the models it has not reached have no fingerprint yet
         "complete": bool(done), "timm": done.get("timm"), "torch": done.get("torch"), "method": max(methods) if methods else done.get("method"),
@@ -128,7 +131,7 @@ def merge_into_shipped() -> dict:
     the releases it holds without a dump here; the new content."""
     with _write_lock:
         data = load_shipped()
-        for path in sorted(DUMPS.glob("*.jsonl")):
+        for path in sorted(dumps_dir().glob("*.jsonl")):
             data["releases"][path.stem] = release_record(path)
         data["releases"] = dict(sorted(data["releases"].items(), key=lambda kv: version_key(kv[0])))
         CATALOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -145,38 +148,20 @@ def summary(version: str, rel: dict) -> str:
         version, "" if rel["complete"] else " (partial)", len(rel["models"]), len(rel["skipped"]), len(rel["failed"]), rel["cpu_seconds"], rel["wall_seconds"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("versions", nargs="*", help="timm releases (default: the catalogued ones not complete yet)")
-    parser.add_argument("-j", "--jobs", type=int, default=2, help="releases fingerprinted at once (default 2)")
-    parser.add_argument("--merge", action="store_true", help="only merge the dumps there are into the shipped file")
-    parser.add_argument("--first-only", action="store_true",
-                        help="only the models the tests and the math-change tables name (a partial release)")
-    args = parser.parse_args(argv)
-    shipped = load_shipped()["releases"]
-    versions = args.versions or [v for v in CATALOG_RELEASES if not shipped.get(v, {}).get("complete")]
+def build(versions: list[str], *, jobs: int = 2, first_only: bool = False, say: Callable[[str], None] = print) -> None:
+    """Fingerprint `versions`, `jobs` at a time, each shipped as soon as its dump is done."""
     started = time.time()
-    if args.merge:
-        data = merge_into_shipped()
-        for version, rel in data["releases"].items():
-            print(summary(version, rel))
-        print("wrote %s, %.2f MB" % (fingerprints_path(), os.path.getsize(fingerprints_path()) / 1e6))
-        return 0
 
     def one(version: str) -> None:
         t0 = time.time()
-        dump(version, args.first_only)
+        dump(version, first_only, say)
         data = merge_into_shipped()
-        print("%s (this run %.0f s); wrote %s, %.2f MB" % (
+        say("%s (this run %.0f s); wrote %s, %.2f MB" % (
             summary(version, data["releases"][version]), time.time() - t0, fingerprints_path(),
-            os.path.getsize(fingerprints_path()) / 1e6), flush=True)
+            os.path.getsize(fingerprints_path()) / 1e6))
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         for f in [pool.submit(one, v) for v in versions]:
             f.result()
-    print("done in %.0f s" % (time.time() - started))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if versions:
+        say("fingerprints done in %.0f s" % (time.time() - started))

@@ -1,9 +1,9 @@
 """Dump one timm release's registry: run under that release (its folder first on PYTHONPATH).
 
-    python tools/catalog_dump.py OUT.jsonl
+    python cachectl/_catalog_dump.py OUT.jsonl
 
 Appends one JSON line per model (resumable: models already in OUT are skipped), then a
-last line with the release's tables. Used by tools/build_catalog.py; runs on torch and
+last line with the release's tables. Used by cachectl/catalog_build.py; runs on torch and
 timm alone, like the agent it borrows from.
 """
 import json
@@ -11,7 +11,7 @@ import os
 import runpy
 import sys
 
-AGENT = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "cachectl", "_agent.py"))
+AGENT = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_agent.py"))
 
 
 def _cfg_dict(cfg):

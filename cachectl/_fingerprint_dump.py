@@ -1,11 +1,11 @@
 """Fingerprint every model of one timm release: run under that release (its folder first on PYTHONPATH).
 
-    python tools/fingerprint_dump.py OUT.jsonl [FIRST.txt [--first-only]]
+    python cachectl/_fingerprint_dump.py OUT.jsonl [FIRST.txt [--first-only]]
 
 Appends one JSON line per model (resumable: a model already in OUT is skipped; one whose
 start marker has no result crashed the process and is recorded so, not retried), then a
 last line with the release's totals. Names listed in FIRST.txt (one a line) go first;
-with --first-only the dump stops after them, unfinished. Used by tools/build_fingerprints.py; runs on torch
+with --first-only the dump stops after them, unfinished. Used by cachectl/fingerprint_build.py; runs on torch
 and timm alone, with cachectl/_fingerprint.py (and the agent it builds models with).
 """
 import json
@@ -14,7 +14,7 @@ import runpy
 import sys
 import time
 
-FP = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "cachectl", "_fingerprint.py"))
+FP = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fingerprint.py"))
 DONE = "__done__"
 
 

@@ -1,0 +1,68 @@
+"""`cachectl catalog build`: a release is merged into the shipped catalog, each layout once."""
+import gzip
+import json
+
+from click.testing import CliRunner
+
+from cachectl.catalog import Catalog, version_key
+from cachectl.catalog_build import merge, shipped
+from cachectl.cli import main
+
+
+def _dump(path, release, models, deprecated):
+    with open(path, "w") as f:
+        for name, rec in models.items():
+            f.write(json.dumps({"model": name, "started": True}) + "\n")
+            f.write(json.dumps({"model": name, **rec}) + "\n")
+        f.write(json.dumps({"model": "crashed_net", "started": True}) + "\n")  # took the process down: skipped
+        f.write(json.dumps({"model": "__tables__", "timm": release, "deprecated": deprecated}) + "\n")
+
+
+def _catalog(tmp_path, index, layouts) -> Catalog:
+    for name, value in (("index-v1.json.gz", index), ("layouts-v1.json.gz", layouts)):
+        with gzip.open(tmp_path / name, "wt") as f:
+            json.dump(value, f)
+    return Catalog.load(tmp_path / "index-v1.json.gz")
+
+
+def test_merging_no_dump_keeps_the_shipped_catalog_as_it_is():
+    index, layouts = shipped()
+    assert merge(index, layouts, {}) == (index, layouts)
+
+
+def test_a_new_release_is_added_sharing_the_layouts_it_has_in_common(tmp_path):
+    index, layouts = shipped()
+    old = Catalog.load()
+    resnet = old.models("1.0.31")["resnet18"]
+    keys = [[k, list(s.shape), s.dtype] for k, s in old.layout(resnet.layout_index).tensors]
+    new_keys = [["stem.weight", [8, 3, 3, 3], "float32"], ["head.fc.weight", [10, 8], "float32"],
+                ["head.fc.bias", [10], "float32"]]
+    _dump(tmp_path / "9.9.9.jsonl", "9.9.9", {
+        "resnet18": {"keys": keys, "classifier": list(resnet.classifier), "default_num_classes": 1000,
+                     "family": resnet.family, "tags": {"a1_in1k": {"hf_hub_id": "timm/resnet18.a1_in1k"}}},
+        "newnet": {"keys": new_keys, "classifier": ["head.fc"], "default_num_classes": 10, "family": "newnet"},
+        "brokennet": {"error": "RuntimeError: no"},
+    }, {"oldnet": "newnet.tag"})
+    merged = _catalog(tmp_path, *merge(index, layouts, {"9.9.9": tmp_path / "9.9.9.jsonl"}))
+    assert merged.releases == tuple(sorted(old.releases + ("9.9.9",), key=version_key))
+    models = merged.models("9.9.9")
+    assert set(models) == {"resnet18", "newnet"}
+    assert merged.failed("9.9.9") == {"brokennet": "RuntimeError: no"}
+    assert merged.deprecated("9.9.9") == {"oldnet": "newnet.tag"}
+    assert models["resnet18"].layout_index == resnet.layout_index  # stored once, shared
+    assert merged.layout(models["newnet"].layout_index).rows() == new_keys
+    assert len(merged.layout_key_sets()) == len(layouts) + 1
+    assert [t.tag for t in merged.tags("9.9.9", "resnet18")] == ["a1_in1k"]
+    # every release the catalog had is unchanged
+    for release in old.releases:
+        assert merged.models(release) == old.models(release)
+    lid = merged.layout(models["newnet"].layout_index).layout_id
+    assert [(e.name, e.release) for e in merged.by_layout(lid)] == [("newnet", "9.9.9")]
+
+
+def test_catalog_list_names_every_release():
+    result = CliRunner().invoke(main, ["catalog", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["timm"] for r in rows] == list(Catalog.load().releases)
+    assert all(r["models"] > 500 for r in rows)
