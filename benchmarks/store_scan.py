@@ -10,6 +10,7 @@ and prints the median of the runs. Run it with PYTHONPATH at another checkout (s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import os
 import statistics
@@ -32,8 +33,8 @@ def build(root: Path, n: int) -> None:
     with mock.patch("os.fsync"):
         store = Store(root).init()
         store.put_env(Environment("default", sys.executable, timm, importlib.metadata.version("torch"), now))
-        for i in range(n):
-            sha = "%064x" % i
+        shas = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(n)]  # spread over blobs/00..ff
+        for i, sha in enumerate(shas):
             store.put_source(Source(sha, 1000, "/inbox/m%d.pth" % i, now - i, "torch-zip", "resnet18", ("1.0.31",),
                                     "exact", 1000))
             for path in (store.blob_path(sha), store.blob_path(sha, ".safetensors")):
@@ -44,7 +45,7 @@ def build(root: Path, n: int) -> None:
                                           ("as-is",)))
             store.put_link(Link("default", sha, timm, cid, None, now))
         for j in range(n // 10):
-            store.put_versions("m%d" % j, [Version("m%d" % j, v + 1, "%064x" % (j * 10 + v), now - (j * 10 + v), "/inbox")
+            store.put_versions("m%d" % j, [Version("m%d" % j, v + 1, shas[j * 10 + v], now - (j * 10 + v), "/inbox")
                                            for v in range(10)])
 
 

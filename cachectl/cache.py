@@ -22,6 +22,7 @@ from .store import (CONVERTED_SUFFIX, TORCH_SUFFIX, Converted, Environment, Link
 # listing, pinning and pruning stay quick
 if TYPE_CHECKING:
     from .catalog import Catalog
+    from .scan import Snapshot
     from .views import Entry, Skipped, ViewPlan
     from .reader import Checkpoint
     from .target import Target
@@ -93,11 +94,12 @@ class Row:
     version: int
     architecture: str | None
     timm_versions: tuple[str, ...]
-    size: int  # the source blob and every converted blob of it
+    source_size: int  # the stored file
+    converted_size: int  # every converted copy of it (a copy that is the source itself: 0)
     environments: tuple[str, ...]  # environments with a converted copy
     pinned: tuple[str, ...]  # environments pinning this version
     created: float
-    state: str  # ready | converting | failed
+    state: str  # ready | pending | converting | failed
     error: str | None
     source: str  # sha256
     served: tuple[str, ...] = ()  # "<pretrained name> in <env>": what views serve it as
@@ -106,10 +108,15 @@ class Row:
     def ref(self) -> str:
         return "%s@%d" % (self.name, self.version)
 
+    @property
+    def size(self) -> int:
+        return self.source_size + self.converted_size
+
     def to_json(self) -> dict:
         return {
             "name": self.name, "version": self.ref, "architecture": self.architecture,
-            "timm_versions": list(self.timm_versions), "size": self.size,
+            "timm_versions": list(self.timm_versions), "size": self.size, "source_size": self.source_size,
+            "converted_size": self.converted_size,
             "environments": list(self.environments), "pinned": list(self.pinned),
             "state": self.state, "error": self.error, "created": self.created, "sha256": self.source,
             "served": list(self.served),
@@ -454,20 +461,26 @@ class Cache:
 
     # -- listing ---------------------------------------------------------------------------
 
-    def rows(self, env: str | None = None) -> list[Row]:
-        sources = self.store.all_sources()
-        converted = self.store.all_converted()
-        envs = [e for e in self.environments() if env is None or e.name == env]
+    def scan(self) -> Snapshot:
+        """Everything the store holds, read once; what could not be read is in its warnings."""
+        from .scan import scan
+
+        self.environments()  # the default environment is registered on first use
+        return scan(self.store)
+
+    def rows(self, env: str | None = None, snapshot: Snapshot | None = None) -> list[Row]:
+        """One row per version; with `env`, as that environment sees it (its copies, its pins)."""
+        snap = snapshot or self.scan()
+        sources, converted = snap.sources, snap.converted
+        envs = [e for e in self._with_default(snap.envs) if env is None or e.name == env]
         if env is not None and not envs:
             self.env(env)  # raises the helpful error
-        links: dict[tuple[str, str], Link] = {(l.env, l.source): l for l in self.store.all_links()}
-        pins = self.store.all_pins()
-        sizes: dict[str, int] = {}
-        for c in converted.values():
-            sizes[c.source] = sizes.get(c.source, 0) + c.size
-        served = self._served_by_version([e.name for e in envs])
+        links: dict[tuple[str, str], Link] = {(l.env, l.source): l for l in snap.links}
+        pins = {e.name: snap.pins.get(e.name, {}) for e in envs}
+        sizes = snap.converted_size()
+        served = self._served_by_version([e.name for e in envs], snap)
         rows = []
-        for v in self.store.all_versions():
+        for v in snap.versions:
             s = sources.get(v.source)
             have, errors, waiting = [], [], False
             for e in envs:
@@ -482,7 +495,8 @@ class Cache:
             state = "failed" if error else (self._waiting_state(v.source, envs) if waiting else "ready")
             rows.append(Row(
                 name=v.name, version=v.version, architecture=s.architecture if s else None,
-                timm_versions=s.timm_versions if s else (), size=(s.size if s else 0) + sizes.get(v.source, 0),
+                timm_versions=s.timm_versions if s else (), source_size=s.size if s else 0,
+                converted_size=sizes.get(v.source, 0),
                 environments=tuple(have), pinned=tuple(sorted(e for e, p in pins.items() if p.get(v.name) == v.version)),
                 created=v.added, state=state, error=error, source=v.source,
                 served=tuple(served.get(v.ref, ())),
@@ -499,31 +513,38 @@ class Cache:
             return "pending"
         return "converting" if busy else "pending"
 
-    def _served_by_version(self, envs: list[str]) -> dict[str, list[str]]:
-        from . import views
+    def _with_default(self, envs: tuple[Environment, ...]) -> list[Environment]:
+        return list(envs) if any(e.name == DEFAULT_ENV for e in envs) else self.environments()
 
+    @staticmethod
+    def _served_by_version(envs: list[str], snap: Snapshot) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for env in envs:
-            for s in (views.read(self.store, env) or {}).get("served", []):
+            for s in snap.views.get(env, {}).get("served", []):
                 out.setdefault(s["version"], []).append("%s in %s" % (s["pretrained"], env))
         return out
 
-    def show(self, ref: str) -> dict:
+    def show(self, ref: str, snapshot: Snapshot | None = None) -> dict:
+        """Everything about one version; an environment without a copy yet is `pending`."""
+        snap = snapshot or self.scan()
         version = self.find_version(ref)
-        source = self.store.get_source(version.source)
-        links = [l for l in self.store.all_links() if l.source == version.source]
+        source = snap.sources.get(version.source)
+        envs = self._with_default(snap.envs)
+        links = {l.env: l for l in snap.links if l.source == version.source}
         out = {
             "name": version.name, "version": version.ref, "added": version.added, "origin": version.origin,
             "source": dataclasses.asdict(source) if source else None, "blob": str(self.store.blob_path(version.source)),
             "environments": {},
-            "served": self._served_by_version([e.name for e in self.environments()]).get(version.ref, []),
+            "served": self._served_by_version([e.name for e in envs], snap).get(version.ref, []),
         }
-        for l in links:
-            c = self.store.get_converted(l.converted) if l.converted else None
-            out["environments"][l.env] = {
-                "timm": l.timm, "error": l.error,
-                "converted": dataclasses.asdict(c) if c else None,
-                "path": str(self.store.converted_path(c)) if c else None,
+        for e in envs:
+            l = links.get(e.name)
+            c = snap.converted.get(l.converted) if l and l.converted else None
+            state = "pending" if l is None or l.timm != e.timm else ("failed" if l.error else "ready")
+            out["environments"][e.name] = {
+                "timm": e.timm, "state": state, "error": l.error if l and state == "failed" else None,
+                "converted": dataclasses.asdict(c) if c and state == "ready" else None,
+                "path": str(self.store.converted_path(c)) if c and state == "ready" else None,
             }
         return out
 
@@ -535,10 +556,11 @@ class Cache:
         from .convert import strict_check
         from .reader import read
 
-        problems = []
-        versions = [self.find_version(r) for r in refs] if refs else self.store.all_versions()
+        snap = self.scan()
+        problems = list(snap.warnings)
+        versions = [self.find_version(r) for r in refs] if refs else snap.versions
         shas = {v.source for v in versions}
-        converted = [c for c in self.store.all_converted().values() if c.source in shas]
+        converted = [c for c in snap.converted.values() if c.source in shas]
         for sha in sorted(shas):
             if progress:
                 progress(sha)
@@ -546,7 +568,7 @@ class Cache:
         envs = {e.name: e for e in self.environments()}
         for c in converted:
             problems += self._check_blob(self.store.converted_path(c), c.sha256, "converted %s" % c.id)
-            for link in self.store.all_links():
+            for link in snap.links:
                 if link.converted != c.id or link.env not in envs or link.timm != envs[link.env].timm:
                     continue
                 spec = self.target(envs[link.env]).describe(c.model, c.model_kwargs)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
@@ -42,8 +44,27 @@ _USER_ERRNOS = {
 }
 
 
+@contextmanager
+def _spinner(text: str, hidden: bool = False) -> Iterator[Callable[[str], None]]:
+    """A transient spinner on stderr while a step may take seconds; yields a renamer."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True, disable=hidden,
+                  console=Console(stderr=True, markup=False, highlight=False)) as bar:
+        task = bar.add_task(text)
+        yield lambda what: bar.update(task, description=what)
+
+
+def _warn(warnings) -> None:
+    """What the store could not read: on stderr, so the answer on stdout stays whole."""
+    for w in warnings:
+        click.echo("warning: %s" % w, err=True)
+
+
 def _emit_json(value) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=False))
+    # indented for a person at a terminal; compact in a pipe, where json's C encoder makes
+    # 10,000 rows in 0.1 s instead of 1.4 s
+    click.echo(json.dumps(value, indent=2 if sys.stdout.isatty() else None, sort_keys=False))
 
 
 def _console() -> Console:
@@ -352,34 +373,59 @@ def _age(ts: float) -> str:
 
 
 @main.command(name="list")
+@click.argument("pattern", required=False, metavar="[PATTERN]")
 @click.option("--env", help="Only this environment's view: its copies and pins.")
+@click.option("-q", "--quiet", is_flag=True, help="Print NAME@VERSION only, one a line.")
+@click.option("--sort", "sort_by", type=click.Choice(["name", "age", "size", "state"]), default="name",
+              show_default=True, help="Order of the rows (age: newest first; size: largest first).")
 @json_option
 @click.pass_context
-def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
+def list_(ctx: click.Context, pattern: str | None, env: str | None, quiet: bool, sort_by: str, as_json: bool) -> None:
     """One row per name and version: what it is, where it is ready, pins, state.
+
+    PATTERN (shell style: swin_*, *@1) keeps the matching names or NAME@VERSIONs. SOURCE
+    is the stored file, CONVERTED its converted copies. STATE: ready; pending (converted
+    when first asked for, or by the daemon); converting (a process is at it); failed.
 
     \b
     Examples:
       cachectl list
+      cachectl list 'swin_*' --sort size
       cachectl list --env timm06 --json | jq '.[] | select(.state == "failed")'
+      cachectl list -q 'old_*' | xargs cachectl rm --dry-run
     """
-    with _cache(ctx) as cache:
-        rows = cache.rows(env)
+    from fnmatch import fnmatchcase
+
+    with _cache(ctx) as cache, _spinner("reading the store"):
+        snap = cache.scan()
+        rows = cache.rows(env, snap)
+    _warn(snap.warnings)
+    if pattern:
+        rows = [r for r in rows if fnmatchcase(r.name, pattern) or fnmatchcase(r.ref, pattern)]
+    key = {"name": lambda r: (r.name, r.version), "age": lambda r: -r.created, "size": lambda r: -r.size,
+           "state": lambda r: (r.state, r.name, r.version)}[sort_by]
+    rows.sort(key=key)
     if as_json:
         _emit_json([r.to_json() for r in rows])
         return
+    if quiet:
+        if rows:
+            click.echo("\n".join(r.ref for r in rows))
+        return
     if not rows:
-        click.echo("the cache is empty: add a file with cachectl add FILE")
+        click.echo("nothing matches %s" % pattern if pattern else "the cache is empty: add a file with cachectl add FILE")
         return
     # plain columns, not a rich Table: rich lays out 10,000 rows in 10 s, this in 0.05 s;
     # names are typed into other commands, so they are never cut
-    header = ("NAME@VERSION", "ARCHITECTURE", "MADE BY TIMM", "SIZE", "READY IN", "PINNED IN", "AGE", "STATE")
-    cells = [(r.ref, r.architecture or "?", ", ".join(r.timm_versions) or "?", _size(r.size),
-              ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-", _age(r.created), r.state) for r in rows]
+    header = ("NAME@VERSION", "ARCHITECTURE", "MADE BY TIMM", "SOURCE", "CONVERTED", "READY IN", "PINNED IN", "AGE",
+              "STATE")
+    cells = [(r.ref, r.architecture or "?", ", ".join(r.timm_versions) or "?", _size(r.source_size),
+              _size(r.converted_size), ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-", _age(r.created),
+              r.state) for r in rows]
     widths = [max(len(c[i]) for c in [header] + cells) for i in range(len(header))]
 
     def line(row, style=None) -> str:
-        padded = [v.rjust(w) if i == 3 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))]
+        padded = [v.rjust(w) if i in (3, 4) else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))]
         padded[-1] = click.style(row[-1], **style) if style else row[-1]  # click.echo drops styles in a pipe
         return "  ".join(padded)
 
@@ -398,23 +444,37 @@ def list_(ctx: click.Context, env: str | None, as_json: bool) -> None:
 def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Everything about one entry: provenance, conversions per environment, files."""
     with _cache(ctx) as cache:
-        info = cache.show(ref)
+        snap = cache.scan()
+        info = cache.show(ref, snap)
+    _warn(snap.warnings)
     if as_json:
         _emit_json(info)
         return
     console = _console()
-    src = info["source"] or {}
+    src = info["source"]
     console.print("%s  from %s" % (info["version"], info["origin"]))
-    console.print("  sha256 %s, %s, %s" % (src.get("sha256"), _size(src.get("size") or 0), src.get("format")))
-    console.print("  %s, made by timm %s (%s)" % (src.get("architecture"), ", ".join(src.get("timm_versions") or []), src.get("confidence")))
+    if src is None:
+        console.print("  its source manifest is missing or unreadable: cachectl verify %s says more" % info["version"])
+    else:
+        console.print("  sha256 %s, %s, %s" % (src["sha256"], _size(src["size"]), src["format"] or "format unknown"))
+        if src["error"]:
+            console.print("  not identified: %s" % src["error"])
+        else:
+            console.print("  %s, made by timm %s (%s)" % (src["architecture"] or "architecture unknown",
+                                                          ", ".join(src["timm_versions"]) or "?",
+                                                          src["confidence"] or "confidence unknown"))
     for served in info["served"]:
         console.print("  served as %s (pretrained=True with cachectl env activate)" % served)
     for env, e in sorted(info["environments"].items()):
-        if e["error"]:
+        if e["state"] == "failed":
             console.print("  %s (timm %s): failed: %s" % (env, e["timm"], e["error"]))
+        elif e["state"] == "pending":
+            console.print("  %s (timm %s): pending: converted when first asked for (cachectl path %s --env %s)" % (
+                env, e["timm"], info["version"], env))
         else:
             c = e["converted"]
-            console.print("  %s (timm %s): %s(%s) at %s" % (env, e["timm"], c["model"], c["model_kwargs"], e["path"]))
+            kwargs = ", ".join("%s=%r" % kv for kv in c["model_kwargs"].items())
+            console.print("  %s (timm %s): %s(%s) at %s" % (env, e["timm"], c["model"], kwargs, e["path"]))
             for step in c["steps"]:
                 console.print("      - %s" % step)
 
@@ -516,24 +576,24 @@ def prune(ctx: click.Context, dry_run: bool, keep_last: int | None, older_than: 
 
     with _cache(ctx) as cache:
         policy = Policy(keep_last, parse_age(older_than) if older_than else None, parse_size(max_size) if max_size else None)
-        p = plan(cache.store, policy)
+        with _spinner("reading the store"):
+            snap = cache.scan()
+            p = plan(cache.store, policy, snapshot=snap)
+        _warn(snap.warnings)
         if as_json:
             _emit_json({"remove": [v.ref for v in p.versions], "kept": [{"version": r, "why": w} for r, w in p.kept],
                         "leftovers": [str(x) for x in p.leftovers], "freed": p.freed, "dry_run": dry_run,
                         "short_of": p.short_of})
         else:
-            console = _console()
-            for v in p.versions:
-                console.print("remove %s" % v.ref)
-            for ref, why in p.kept:
-                console.print("keep   %s (%s)" % (ref, why))
+            lines = ["remove %s" % v.ref for v in p.versions] + ["keep   %s (%s)" % kw for kw in p.kept]
             if p.leftovers:
-                console.print("remove %d leftovers of interrupted writes" % len(p.leftovers))
-            console.print("frees %s" % _size(p.freed))
+                lines.append("remove %d leftovers of interrupted writes" % len(p.leftovers))
+            click.echo("\n".join(lines + ["frees %s" % _size(p.freed)]))
         if not (dry_run or not (p.versions or p.blobs or p.leftovers)):
             if not yes and not click.confirm("Delete these?", default=False, err=True):
                 raise click.ClickException("nothing deleted")
-            freed = p.execute(cache.store)
+            with _spinner("deleting"):
+                freed = p.execute(cache.store)
             if not as_json:
                 click.echo("freed %s" % _size(freed))
     if p.short_of:

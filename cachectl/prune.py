@@ -10,16 +10,20 @@ import os
 import re
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from .errors import CachectlError
+from .scan import Snapshot, scan
 from .store import Store, Version
-from .views import linked_blobs
 
 # A blob no manifest names may be one whose manifest is about to be written.
 ORPHAN_GRACE = 3600
+# Sources whose locks are held together while the names are read again: one read of the
+# names per batch, not per source, and a bounded number of open lock files.
+LOCK_BATCH = 256
 _PID = re.compile(r"\.pid(\d+)\.")
 
 
@@ -60,14 +64,18 @@ class PrunePlan:
         by_source: dict[str, list[Path]] = defaultdict(list)
         for path in self.manifests + self.blobs:
             by_source[self.owners.get(path, "")].append(path)
-        for sha, paths in by_source.items():
-            if not sha:
-                _unlink(paths)
-                continue
-            # add takes this lock between storing bytes and naming them (Cache.add)
-            with store.lock("source:" + sha):
-                if not any(v.source == sha for v in store.all_versions()):
-                    _unlink(paths)
+        _unlink(by_source.pop("", []))
+        shas = sorted(by_source)  # one order for every prune: two never wait on each other
+        for i in range(0, len(shas), LOCK_BATCH):
+            batch = shas[i:i + LOCK_BATCH]
+            with ExitStack() as held:
+                # add holds a source's lock from storing its bytes until a version names them
+                for sha in batch:
+                    held.enter_context(store.lock("source:" + sha))
+                named = {v.source for v in store.all_versions()}
+                for sha in batch:
+                    if sha not in named:
+                        _unlink(by_source[sha])
         _unlink(self.leftovers)
         return self.freed
 
@@ -96,21 +104,22 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
+def _envs_of(snap: Snapshot) -> Mapping[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for link in snap.links:
+        out[link.source].append(link.env)
+    return out
+
+
+def plan(store: Store, policy: Policy, now: float | None = None, snapshot: Snapshot | None = None) -> PrunePlan:
     if policy.empty:
         raise CachectlError(None, "prune needs a policy", "Give --keep-last N, --older-than AGE or --max-size SIZE.")
     now = time.time() if now is None else now
-    versions = store.all_versions()
-    sources = store.all_sources()
-    converted = store.all_converted()
-    links = store.all_links()
-    pinned = {(n, v) for pins in store.all_pins().values() for n, v in pins.items()}
-    envs_of: dict[str, list[str]] = defaultdict(list)
-    for link in links:
-        envs_of[link.source].append(link.env)
-    converted_of: dict[str, list] = defaultdict(list)
-    for c in converted.values():
-        converted_of[c.source].append(c)
+    snap = snapshot or scan(store)
+    versions, sources, converted = snap.versions, snap.sources, snap.converted
+    pinned = {(n, v) for pins in snap.pins.values() for n, v in pins.items()}
+    envs_of = _envs_of(snap)
+    converted_of = snap.by_source()[1]
     refs: dict[str, int] = defaultdict(int)  # versions still naming each source
     by_name: dict[str, list[Version]] = defaultdict(list)
     for v in versions:
@@ -120,10 +129,10 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
         vs.sort(key=lambda v: v.version)
     newest = {name: vs[-1].version for name, vs in by_name.items()}
 
-    envs = [p.stem for p in store.envs.glob("*.json")]
+    envs = [e.name for e in snap.envs]
     name_locked: dict[str, bool] = {}
     # a view links converted files: what a view serves, or served moments ago, stays
-    in_views = linked_blobs(store)
+    in_views = snap.linked
     viewed = {c.source for c in converted.values()
               if store.converted_path(c).name in in_views or (c.torch_sha256 and store.torch_path(c).name in in_views)}
 
@@ -190,8 +199,8 @@ def plan(store: Store, policy: Policy, now: float | None = None) -> PrunePlan:
 
     manifests, blobs, owners = _files_of(store, gone_sources, envs_of, converted_of)
     named = set(sources) | {c.sha256 for c in converted.values()} | {c.torch_sha256 for c in converted.values()}
-    orphans = _orphan_blobs(store, named | {n.split(".")[0] for n in in_views}, now)
-    leftovers = [p for p in store.leftovers() if not _writer_alive(p)]
+    orphans = _orphan_blobs(store, snap, named | {n.split(".")[0] for n in in_views}, now)
+    leftovers = [Path(p) for p in snap.leftovers if not _writer_alive(Path(p))]
     freed += sum(p.stat().st_size for p in orphans + leftovers)
     return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),
                      tuple(blobs + orphans), tuple(leftovers), tuple(sorted(kept)), freed, owners, short_of)
@@ -216,46 +225,43 @@ def _files_of(store: Store, gone: set[str], envs_of, converted_of) -> tuple[list
     return manifests, blobs, owners
 
 
-def removal(store: Store, versions: list[Version]) -> PrunePlan:
+def removal(store: Store, versions: list[Version], snapshot: Snapshot | None = None) -> PrunePlan:
     """The plan of `cachectl rm`: these versions, and the files only they use.
 
     A pinned version is refused; files a view still links (a reader may be on its way to
     them) stay for a later prune."""
-    pinned = {(n, v): env for env, pins in store.all_pins().items() for n, v in pins.items()}
+    snap = snapshot or scan(store)
+    pinned = {(n, v): env for env, pins in snap.pins.items() for n, v in pins.items()}
     for v in versions:
         if (v.name, v.version) in pinned:
             env = pinned[(v.name, v.version)]
             raise CachectlError(None, "%s is pinned in %s" % (v.ref, env),
                                 "Unpin it first: cachectl unpin %s --env %s." % (v.name, env))
     refs: dict[str, int] = defaultdict(int)
-    for v in store.all_versions():
+    for v in snap.versions:
         refs[v.source] += 1
     for v in versions:
         refs[v.source] -= 1
     gone = {v.source for v in versions if refs[v.source] == 0}
-    envs_of: dict[str, list[str]] = defaultdict(list)
-    for link in store.all_links():
-        envs_of[link.source].append(link.env)
-    converted_of: dict[str, list] = defaultdict(list)
-    for c in store.all_converted().values():
-        converted_of[c.source].append(c)
-    manifests, blobs, owners = _files_of(store, gone, envs_of, converted_of)
-    in_views = linked_blobs(store)
+    manifests, blobs, owners = _files_of(store, gone, _envs_of(snap), snap.by_source()[1])
+    in_views = snap.linked
     kept = tuple((str(b), "a view links it") for b in blobs if b.name in in_views)
     blobs = [b for b in blobs if b.name not in in_views]
     freed = sum(b.stat().st_size for b in blobs if b.exists())
     return PrunePlan(tuple(versions), tuple(manifests), tuple(blobs), (), kept, freed, owners)
 
 
-def _orphan_blobs(store: Store, named: set[str], now: float) -> list[Path]:
-    if not store.blobs.is_dir():
-        return []
+def _orphan_blobs(store: Store, snap: Snapshot, named: set[str], now: float) -> list[Path]:
     out = []
-    for path in store.blobs.glob("*/*"):
-        if path.name.startswith(".") or path.name.split(".")[0] in named:
+    for rel in snap.blobs:
+        if rel.rpartition("/")[2].split(".")[0] in named:
             continue
-        if path.stat().st_mtime < now - ORPHAN_GRACE:
-            out.append(path)
+        path = store.blobs / rel
+        try:
+            if path.stat().st_mtime < now - ORPHAN_GRACE:
+                out.append(path)
+        except FileNotFoundError:
+            pass  # removed since the scan
     return out
 
 

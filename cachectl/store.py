@@ -265,9 +265,11 @@ class Store:
 
     def _write(self, path: Path, data: bytes, mode: int) -> None:
         self.mkdir(path.parent)
-        tmp = path.with_name(".%s.pid%d%s" % (path.name, os.getpid(), TMP_SUFFIX))
+        # a name no one can guess, created, never opened through a link someone planted
+        tmp = path.with_name(".%s.pid%d.%s%s" % (path.name, os.getpid(), os.urandom(6).hex(), TMP_SUFFIX))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            with open(tmp, "wb") as f:
+            with open(os.open(tmp, flags, 0o600), "wb") as f:
                 os.fchmod(f.fileno(), mode)
                 f.write(data)
                 f.flush()
@@ -297,7 +299,7 @@ class Store:
         """An exclusive lock that a crashed holder does not keep forever, usable by every
         member of a shared store's group."""
         self.mkdir(self.locks)
-        path = self.locks / ("%s.lock" % hashlib.sha1(name.encode()).hexdigest()[:20])
+        path = self._lock_path(name)
         if self.locking.kind == "soft":
             lock = filelock.SoftFileLease(str(path), lease_duration=LEASE_SECONDS, timeout=timeout,
                                           mode=self.modes.lock, is_singleton=False)
@@ -311,7 +313,12 @@ class Store:
         except filelock.Timeout:
             raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.")
 
+    def _lock_path(self, name: str) -> Path:
+        return self.locks / ("%s.lock" % hashlib.sha1(name.encode()).hexdigest()[:20])
+
     def is_locked(self, name: str) -> bool:
+        if not self._lock_path(name).exists():
+            return False  # never taken (a kernel lock's file stays; a soft one's goes with it)
         try:
             with self.lock(name, timeout=0):
                 return False
@@ -415,9 +422,6 @@ class Store:
         raw = self.read_json(self.sources / ("%s.json" % sha256))
         return _source(raw) if raw else None
 
-    def all_sources(self) -> dict[str, Source]:
-        return {s.sha256: s for s in (_source(r) for r in self._read_all(self.sources))}
-
     def put_converted(self, c: Converted) -> None:
         self.write_json(self.converted / ("%s.json" % c.id), _to_json(c))
 
@@ -426,7 +430,9 @@ class Store:
         return _converted(raw) if raw else None
 
     def all_converted(self) -> dict[str, Converted]:
-        return {c.id: c for c in (_converted(r) for r in self._read_all(self.converted))}
+        from .scan import scan
+
+        return dict(scan(self).converted)
 
     def versions(self, name: str) -> list[Version]:
         raw = self.read_json(self.names / ("%s.json" % name)) or {"versions": []}
@@ -453,14 +459,6 @@ class Store:
     def get_link(self, env: str, source: str) -> Link | None:
         raw = self.read_json(self.links / env / ("%s.json" % source))
         return Link(**_fields(raw)) if raw else None
-
-    def all_links(self) -> list[Link]:
-        out = []
-        if self.links.is_dir():
-            for env_dir in sorted(self.links.iterdir()):
-                if env_dir.is_dir():
-                    out += [Link(**_fields(r)) for r in self._read_all(env_dir)]
-        return out
 
     def remove_link(self, env: str, source: str) -> None:
         (self.links / env / ("%s.json" % source)).unlink(missing_ok=True)
@@ -511,11 +509,6 @@ class Store:
                 out.append((raw, path) if with_path else raw)
         return out
 
-    def leftovers(self) -> list[Path]:
-        """Temporaries of interrupted writes, anywhere in the store."""
-        if not self.root.is_dir():
-            return []
-        return [p for p in self.root.rglob(".*" + TMP_SUFFIX) if p.is_file()]
 
 
 def _pins(raw) -> dict[str, int]:
