@@ -34,6 +34,8 @@ EMA_CONTAINERS = ("state_dict_ema", "model_ema")
 # Prefixes added by DataParallel/DDP, torch.compile and training wrappers.
 PREFIXES = ("module.", "_orig_mod.", "model.")
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024
+# a torch zip's pickle: megabytes for a checkpoint with optimizer state; more is the reader's to judge
+DATA_PKL_LIMIT = 256 * 1024 * 1024
 
 # safetensors dtype -> (torch's name for it, bytes per element)
 ST_DTYPES = {
@@ -141,8 +143,8 @@ def _safetensors(path: Path, head: bytes) -> tuple[dict[str, TensorRecord], dict
     if len(raw) < n or not isinstance(header, dict):
         raise NotPlain("damaged safetensors header")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise NotPlain("damaged safetensors metadata")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NotPlain("safetensors metadata that is not strings")
     tensors, spans = {}, []
     for key, info in header.items():
         name, itemsize = ST_DTYPES[info["dtype"]]
@@ -287,6 +289,11 @@ def _zip_pickle(path: Path) -> Any:
         if len(pkl) != 1:
             raise NotPlain("no single data.pkl")
         folder = pkl[0][: -len("data.pkl")]
+        order = infos.get(folder + "byteorder")
+        if order is not None and z.read(order) != b"little":
+            raise NotPlain("a byte order other than little-endian")
+        if infos[pkl[0]].file_size > DATA_PKL_LIMIT:
+            raise NotPlain("a data.pkl of %d bytes" % infos[pkl[0]].file_size)
         unpickler = _Unpickler(z.open(pkl[0]))
         obj = unpickler.load()
     for s in unpickler.storages.values():  # each storage's bytes are in the file, whole: a cut copy is the reader's to explain

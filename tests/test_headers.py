@@ -165,3 +165,21 @@ def test_quick_commands_import_neither_torch_nor_timm(files, tmp_path):
     inspected = json.loads(subprocess.run([sys.executable, "-m", "cachectl.cli", "inspect", str(folder / "w.pth"), "--json"],
                                           capture_output=True, text=True, check=True).stdout)
     assert (inspected["architecture"], inspected["loads_as_is"], inspected["installed_timm"]) == (MODEL, True, timm.__version__)
+
+
+def test_every_hostile_input_is_read_exactly_or_left_to_the_reader(tmp_path):
+    """The reliability suite's corpus (tests/hostile.py): the header reader never raises
+    anything but NotPlain, never runs code, and accepts only what is a valid checkpoint."""
+    built = subprocess.run([sys.executable, "-m", "tests.hostile", str(tmp_path), "1", "--json"],
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
+    cases = [json.loads(line) for line in built.stdout.splitlines()]
+    assert len(cases) > 50
+    accepted = []
+    for case in cases:
+        try:
+            read_header(case["path"])
+        except NotPlain:
+            continue
+        accepted.append(case["name"])
+        assert case["valid"], case["name"]
+    assert "good.safetensors" in accepted
