@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-", dir=ROOT / ".cache") as tmp:
         lines += conversion_table(conversions(sources, Path(tmp)))
     lines += [""] + daemon.section(files=50 if args.quick else 200)
+    # in a process of its own, so the children it times inherit no memory (benchmarks/commands.py)
+    lines += [""] + subprocess.run([sys.executable, "-m", "benchmarks.commands"], check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
     print("\n".join(lines))
     return 0
 
