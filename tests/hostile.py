@@ -217,7 +217,7 @@ def build(folder: Path, scale: int = 1) -> list[Case]:
         for info in z.infolist():
             d = z.read(info)
             if info.filename.endswith("data.pkl"):
-                out.writestr(info.filename, b"(" * (32 << 20), zipfile.ZIP_DEFLATED)  # MARK after MARK
+                out.writestr(info.filename, b"(" * (80 << 20), zipfile.ZIP_DEFLATED)  # MARK after MARK
             else:
                 out.writestr(info, d)
     with zipfile.ZipFile(add("zip_many_members.pth", "bomb"), "w") as out:
@@ -300,5 +300,10 @@ def executions(folder: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    for case in build(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1):
-        print("%-10s %s" % (case.kind, case.name))
+    # python -m tests.hostile DIR [SCALE] [--json]: one line per case (JSON for the test)
+    made = build(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    for case in made:
+        if "--json" in sys.argv:
+            print(json.dumps({"name": case.name, "path": str(case.path), "kind": case.kind, "valid": case.valid}))
+        else:
+            print("%-11s %r" % (case.kind, case.name))
