@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -75,7 +76,7 @@ def _writers(root: Path) -> str:
 def _check_name(name: str) -> None:
     # a name becomes a file name in the store: it must stay one, inside the store
     if (not name or len(name) > 200 or name.startswith(".") or "/" in name or "\\" in name or "@" in name
-            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+            or any(ord(c) < 32 or ord(c) == 127 or unicodedata.category(c) == "Cf" for c in name)):
         raise CachectlError(None, "%r cannot be a name in the cache" % name,
                             "Give --name with letters, digits and - _ . (not starting with a dot, no / or @).")
 

@@ -217,6 +217,11 @@ class Catalog:
         return data["releases"]
 
     @functools.lru_cache(maxsize=None)
+    def largest_layout(self) -> int:
+        """The most tensors any catalogued layout has."""
+        return max((len(rows) for rows in self._layouts()), default=0)
+
+    @functools.lru_cache(maxsize=None)
     def layout_key_sets(self) -> list[tuple[int, frozenset]]:
         return [(i, frozenset((k, tuple(s)) for k, s, _ in rows)) for i, rows in enumerate(self._layouts())]
 

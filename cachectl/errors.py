@@ -15,7 +15,18 @@ class CachectlError(Exception):
 
     def __str__(self) -> str:
         head = "%s: %s" % (self.subject, self.problem) if self.subject else self.problem
-        return "%s. %s" % (head.rstrip("."), self.fix) if self.fix else head
+        return printable("%s. %s" % (head.rstrip("."), self.fix) if self.fix else head)
+
+
+# what a file name may hold that would break the one line or drive the terminal: control
+# characters (newline, escape, bell) and the bidirectional overrides that reorder text
+_UNPRINTABLE = {c: "\\x%02x" % c for c in (*range(32), 127)}
+_UNPRINTABLE.update({c: "\\u%04x" % c for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def printable(text: str) -> str:
+    """`text` as one line that prints as it reads: control characters written as escapes."""
+    return text.translate(_UNPRINTABLE)
 
 
 class CheckpointError(CachectlError):

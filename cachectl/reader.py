@@ -28,7 +28,9 @@ from .headers import repo_id as _repo_id
 from .headers import strip_prefixes as _strip_prefixes
 from .layout import Layout, TensorSpec
 from .paths import SNAPSHOT_WEIGHTS
+from .regular import open_regular
 
+CONFIG_LIMIT = 16 * 1024 * 1024  # a snapshot's config.json is a few KB
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -79,22 +81,33 @@ def read(path: str | os.PathLike, *, ema: bool = True) -> Checkpoint:
 
 
 def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint:
-    if not stat.S_ISREG(os.stat(weights).st_mode):
-        # a FIFO, socket or device would block or never end
-        raise CheckpointError(weights, "is not a regular file", "Give a checkpoint file.")
-    with open(weights, "rb") as f:
-        head = f.read(8)
+    fd = open_regular(weights)
+    try:
+        # everything below opens the file it checked, through its descriptor: a file
+        # swapped for a FIFO or a link meanwhile is never opened
+        via = Path("/proc/self/fd/%d" % fd)
+        if not via.exists():
+            via = weights
+        return _read_open(path, weights, via, os.fstat(fd).st_size, ema, hints)
+    finally:
+        os.close(fd)
+
+
+def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints: Hints) -> Checkpoint:
+    with open(via, "rb") as f:
+        head = f.read(9)
     base = None
     if head[:4] == b"PK\x03\x04":
-        obj = _torch_load(weights, mmap=True)
+        _check_zip(weights, via, size)
+        obj = _torch_load(weights, via, mmap=True)
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
-    elif _looks_like_safetensors(weights, head):
-        tensors, metadata, base = _safetensors(weights)
+    elif _looks_like_safetensors(head):
+        tensors, metadata, base = _safetensors(weights, via, size)
         fmt = "safetensors"
         obj = tensors
     elif head[:2] == b"\x80\x02" or head[:1] == b"\x80":
-        obj = _torch_load(weights, mmap=False)
+        obj = _torch_load(weights, via, mmap=False)
         fmt = "torch-legacy"
         metadata = {}
     else:
@@ -105,15 +118,51 @@ def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint
         )
     state, container, others, extras = _unwrap(obj, weights, ema)
     state, prefix = _strip_prefixes(state)
+    _check_extent(weights, state)
     hints = _merge_hints(hints, extras, metadata)
     layout = Layout.from_specs({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()})
     if fmt == "torch-zip":
-        base = _zip_base(weights, state)
+        base = _zip_base(via, state)
     return Checkpoint(
         path=path, weights=weights, format=fmt, layout=layout, tensors=state, container=container,
         other_containers=others, stripped_prefix=prefix, hints=hints, metadata=metadata,
-        span=_spanner(base, weights.stat().st_size) if base is not None else None,
+        span=_spanner(base, size) if base is not None else None,
     )
+
+
+# torch.save stores its records uncompressed, and its data.pkl holds little per tensor:
+# an archive that inflates far past its size, or a huge data.pkl, is a bomb, not weights.
+PICKLE_LIMIT = 64 * 1024 * 1024
+
+
+def _check_zip(path: Path, via: Path, size: int) -> None:
+    try:
+        with zipfile.ZipFile(via) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(path, "damaged or truncated torch file (%s)" % _first_line(exc),
+                              "Copy the file again from its source; if a copy is still running, wait for it.")
+    inflated = sum(i.file_size for i in infos)
+    pickled = max((i.file_size for i in infos if i.filename.endswith("data.pkl")), default=0)
+    if inflated > 4 * size + PICKLE_LIMIT or pickled > PICKLE_LIMIT:
+        raise CheckpointError(path, "not a torch file but a zip bomb (its records inflate to %d bytes from %d%s)" % (
+            inflated, size, ", data.pkl alone to %d" % pickled if pickled > PICKLE_LIMIT else ""),
+                              "Delete it; ask whoever made it for the weights saved with torch.save.")
+
+
+# A tensor may show more bytes than its storage holds (a zero or overlapping stride, as
+# expand() makes): beyond this, converting it would write far more than the file holds.
+EXPANDED_LIMIT = 64 * 1024 * 1024
+
+
+def _check_extent(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if n > EXPANDED_LIMIT and n > t.untyped_storage().nbytes():
+            raise CheckpointError(path, "tensor %r shows %d bytes made of %d stored ones (a zero or overlapping "
+                                        "stride): converting it would write them all" % (
+                                            key, n, t.untyped_storage().nbytes()),
+                                  "Re-save it with contiguous tensors: {k: v.contiguous() for k, v in state.items()}.")
 
 
 def _spanner(base: int, size: int) -> Callable[[torch.Tensor], int | None]:
@@ -157,20 +206,15 @@ def _zip_base(path: Path, state: Mapping[str, torch.Tensor]) -> int | None:
     return base if actual == expected else None
 
 
-def _looks_like_safetensors(path: Path, head: bytes) -> bool:
-    if len(head) < 8:
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
         return False
-    (n,) = struct.unpack("<Q", head)
-    if n == 0 or n > SAFETENSORS_HEADER_LIMIT:
-        return False
-    with open(path, "rb") as f:
-        f.seek(8)
-        return f.read(1) == b"{"
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n <= SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{"
 
 
-def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None]:
+    with open(via, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         raw = f.read(n)
     if len(raw) < n:
@@ -178,6 +222,9 @@ def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], i
                               "Copy the file again from its source.")
     try:
         header = json.loads(raw)
+    except RecursionError:
+        raise CheckpointError(path, "damaged safetensors header (nested too deeply to be one)",
+                              "Copy the file again from its source.")
     except ValueError as exc:
         raise CheckpointError(path, "damaged safetensors header (%s)" % exc, "Copy the file again from its source.")
     if not isinstance(header, dict):
@@ -193,19 +240,16 @@ def _safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], i
             path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + end),
             "Copy the file again from its source; if a copy is still running, wait for it to finish.",
         )
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else None
+    storage = torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size) if size else None
     raw_bytes = torch.empty(0, dtype=torch.uint8)
     if storage is not None:
         raw_bytes = torch.tensor([], dtype=torch.uint8).set_(storage)
     tensors = {}
     for key, info in header.items():
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(path, "tensor %s has unsupported dtype %s" % (key, info.get("dtype")),
-                                  "Re-save it with a standard dtype.")
-        begin, stop = (data_start + int(o) for o in info["data_offsets"])
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, stop = (data_start + o for o in info["data_offsets"])
         chunk = raw_bytes[begin:stop]
-        if begin % chunk.element_size() or (dtype.itemsize and begin % dtype.itemsize):
+        if begin % dtype.itemsize:
             chunk = chunk.clone()  # unaligned: only a copy can be viewed as a wider dtype
         tensors[key] = chunk.view(dtype).reshape(info["shape"])
     base = raw_bytes.data_ptr() if storage is not None else None
@@ -266,12 +310,12 @@ def _safe_globals() -> list:
     return allowed
 
 
-def _torch_load(path: Path, *, mmap: bool) -> Any:
+def _torch_load(path: Path, via: Path, *, mmap: bool) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+                return torch.load(via, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Unsupported" not in str(exc):
             raise CheckpointError(path, "damaged or truncated torch file (%s)" % _first_line(exc),
@@ -284,7 +328,14 @@ def _torch_load(path: Path, *, mmap: bool) -> Any:
             "c = torch.load('%s', weights_only=False); "
             "torch.save(c.get('state_dict', c) if isinstance(c, dict) else c.state_dict(), 'clean.pth')\"" % path.name,
         )
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (MemoryError, RecursionError) as exc:
+        # an allowed loader (numpy's) asked for more than there is, or a pickle nested past Python's stack
+        raise CheckpointError(path, "damaged or hostile torch file (%s while unpickling it)" % type(exc).__name__,
+                              "Copy the file again from its source; if it came from elsewhere, ask its author.")
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            # torch's weights_only unpickler on bytes that are not a pickle: a short read,
+            # an empty stack, a memo key never set
+            struct.error, IndexError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(path, "damaged or truncated torch file (%s)" % _first_line(exc),
                               "Copy the file again from its source; if a copy is still running, wait for it.")
 
@@ -339,10 +390,18 @@ def _read_snapshot(folder: Path, ema: bool) -> Checkpoint:
     hints = Hints(repo_id=_repo_id(folder))
     config_path = folder / "config.json"
     if config_path.is_file():
+        fd = open_regular(config_path)
+        with open(fd, "rb") as f:
+            text = f.read(CONFIG_LIMIT + 1)
         try:
-            config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise CheckpointError(config_path, "is not valid JSON (%s)" % exc, "Copy the snapshot again.")
+            if len(text) > CONFIG_LIMIT:
+                raise ValueError("over %d bytes" % CONFIG_LIMIT)
+            config = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(config_path, "is not valid JSON (%s)" % (exc or "nested too deeply"),
+                                  "Copy the snapshot again.")
+        if not isinstance(config, dict):
+            raise CheckpointError(config_path, "is not a JSON object", "Copy the snapshot again.")
         arch = config.get("architecture") or config.get("model_name")
         num_classes = config.get("num_classes")
         hints = Hints(

@@ -6,8 +6,10 @@ tensors passed as safetensors files in a private temporary folder.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -119,7 +121,7 @@ class Target:
                 self._proc = subprocess.Popen(
                     [self.python, "-c", _BOOT, str(AGENT), "serve"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                    text=True, cwd=self._tmp,
+                    text=True, cwd=self._tmp, preexec_fn=_die_with_parent(os.getpid()),
                 )
             except OSError as exc:
                 raise TargetError(self.python, "cannot run this interpreter (%s)" % exc.strerror,
@@ -212,3 +214,22 @@ class Target:
         finally:
             src.unlink(missing_ok=True)
             dst.unlink(missing_ok=True)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """For Popen: the target interpreter is killed with the process that started it, even
+    one killed by SIGKILL (a killed `cachectl add` leaves no interpreter converting on)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the agent still ends when its stdin closes
+        return None
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+    return arm
