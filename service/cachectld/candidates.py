@@ -42,6 +42,8 @@ def candidates(path: Path, top: Path, excluded: tuple[Path, ...] = ()) -> list[C
         return []
     if any(path == x or x in path.parents for x in excluded):
         return []
+    if not _stays_inside(path, top):
+        return []  # a link out of the watched folder: what it reaches was not put here to be taken
     if _is_snapshot(path.parent):
         if path.name in SNAPSHOT_WEIGHTS or path.name == "config.json":
             snapshot = snapshot_candidate(path.parent)
@@ -76,3 +78,9 @@ def _folders(path: Path) -> list[Path]:
         return [p for p in path.iterdir() if p.is_dir()]
     except OSError:  # not there (yet): the snapshot's own events will bring it
         return []
+
+
+def _stays_inside(path: Path, top: Path) -> bool:
+    """Whether `path`, its links followed, is inside `top` (a hub snapshot's links into blobs/ are)."""
+    real, inside = os.path.realpath(path), os.path.realpath(top)
+    return real == inside or real.startswith(inside.rstrip(os.sep) + os.sep)

@@ -113,6 +113,7 @@ class Daemon:
     def _step(self, now: float) -> None:
         for result in self.pool.collect(now):
             self._record(result)
+        self.queue.extendleft(self.pool.returned())  # sent to a worker that was already leaving
         self.pool.fill(now)
         room = self.cfg.queue_size - len(self.queue)
         if room > 0:
@@ -131,7 +132,7 @@ class Daemon:
         return self.pool.busy() | {j.path for j in self.queue}
 
     def _record(self, result: Result) -> None:
-        self.tracker.finish(Job(Path(result.path), (result.size, result.mtime_ns)))
+        self.tracker.finish(Job(Path(result.path), (result.size, result.mtime_ns)), lasting=not result.retry)
         self.history.add(result)
         self._dirty = True
         if result.ok:

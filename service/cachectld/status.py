@@ -37,6 +37,7 @@ class Result:
     version: str | None = None  # name@N it is stored as
     new_version: bool = False  # False: the same bytes were already the newest version
     error: str | None = None  # why it failed, for a person
+    retry: bool = False  # not the file's fault for sure (its worker died): taken again at the next start
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,18 @@ class Job:
     signature: Signature  # what it was when taken
 
 
+# A closed file is taken once it stayed unchanged this long (at most quiet_seconds): a
+# writer that closes after every append has opened it again by then.
+CLOSE_SETTLE = 1.0
+
+
 @dataclass
 class _Pending:  # private and mutable: updated in place under the tracker's lock
     candidate: Candidate
     signature: Signature
     since: float  # when the signature last changed (monotonic)
     closed: bool  # the writer closed it, or renamed it into place, at this signature
+    appending: bool = False  # it changed after a close: only quiet_seconds of quiet complete it
 
 
 class Tracker:
@@ -36,6 +42,8 @@ class Tracker:
         self._pending: dict[Path, _Pending] = {}
         self._done: dict[str, Signature] = dict(done or {})
         self._done_changed = False
+        # failed because the worker holding it died: not taken again unchanged until a restart
+        self._failed_now: dict[str, Signature] = {}
 
     def observe(self, candidate: Candidate, closed: bool, now: float) -> bool:
         """Note an event or a scan hit. True when the main loop should look before it planned to."""
@@ -46,11 +54,12 @@ class Tracker:
                 self._pending.pop(candidate.unit, None)
                 return False
             if pending is None:
-                if self._done.get(str(candidate.unit)) == signature:
+                if signature in (self._done.get(str(candidate.unit)), self._failed_now.get(str(candidate.unit))):
                     return False  # a rescan, or an event that changed nothing
                 self._pending[candidate.unit] = _Pending(candidate, signature, now, closed)
                 return True
             if pending.signature != signature:
+                pending.appending = pending.appending or pending.closed
                 pending.signature, pending.since, pending.closed = signature, now, closed
             else:
                 pending.closed = pending.closed or closed
@@ -68,7 +77,7 @@ class Tracker:
             for unit, p in list(self._pending.items()):
                 if len(jobs) >= room:
                     break
-                if unit in busy or not (p.closed or now - p.since >= self.quiet_seconds):
+                if unit in busy or now - p.since < self._settle(p):
                     continue
                 signature = p.candidate.signature()  # still as it was? (events can be lost)
                 if signature is None:
@@ -77,22 +86,31 @@ class Tracker:
                     p.signature, p.since, p.closed = signature, now, False
                 else:
                     del self._pending[unit]
-                    if self._done.get(str(unit)) != signature:
+                    if signature not in (self._done.get(str(unit)), self._failed_now.get(str(unit))):
                         jobs.append(Job(unit, signature))
         return jobs
 
     def next_due(self, busy: set[Path]) -> float | None:
         """When the next pending unit completes if nothing changes (monotonic), or None."""
         with self._lock:
-            times = [p.since + (0 if p.closed else self.quiet_seconds)
-                     for unit, p in self._pending.items() if unit not in busy]
+            times = [p.since + self._settle(p) for unit, p in self._pending.items() if unit not in busy]
         return min(times, default=None)
 
-    def finish(self, job: Job) -> None:
-        """`job` is dealt with (converted, or failed for good): do not take it again unchanged."""
+    def _settle(self, p: _Pending) -> float:
+        """How long `p` must stay unchanged to be complete."""
+        if p.closed and not p.appending:
+            return min(CLOSE_SETTLE, self.quiet_seconds)
+        return self.quiet_seconds
+
+    def finish(self, job: Job, lasting: bool = True) -> None:
+        """`job` is dealt with (converted, or failed for good): do not take it again unchanged.
+        Not `lasting`: not again while this daemon runs, but again after a restart."""
         with self._lock:
-            self._done[str(job.path)] = job.signature
-            self._done_changed = True
+            if lasting:
+                self._done[str(job.path)] = job.signature
+                self._done_changed = True
+            else:
+                self._failed_now[str(job.path)] = job.signature
 
     def keep_done(self, present: set[str]) -> None:
         """After a full scan: forget what was finished for files that are gone.

@@ -132,6 +132,7 @@ class Pool:
         self._retiring: list[multiprocessing.process.BaseProcess] = []  # told to exit, not yet gone
         self._backoff = 1.0
         self._start_after = 0.0
+        self._returned: list[Job] = []  # sent to a worker that exited before taking it
         self.cfg = cfg
 
     # -- starting and stopping workers
@@ -232,10 +233,16 @@ class Pool:
         code = slot.process.exitcode
         how = ("was killed by %s" % signal.Signals(-code).name) if code < 0 else "exited with code %d" % code
         self._forget(slot)
-        if slot.job is not None:
+        if slot.job is not None and code == 0:
+            # a worker exits by itself only between jobs (after running out of memory): this
+            # one was sent as it left and never started, so it is not the file's failure
+            self._returned.append(slot.job)
+            log.warning("worker %s exited before taking %s; it is sent to another", slot.pid, slot.job.path)
+        elif slot.job is not None:
             hint = " (the kernel's OOM killer? see the journal)" if code == -signal.SIGKILL else ""
             return [self._failed(slot, "the worker converting it %s%s; the file may be damaged or hostile: "
-                                       "check it with cachectl inspect" % (how, hint))]
+                                       "check it with cachectl inspect; it is taken again at the next start"
+                                 % (how, hint), retry=True)]
         if slot.pid is None:  # died before it was ready: a broken install, or a limit too small
             self._start_after = now + self._backoff
             log.error("a worker %s while starting; trying again in %.0f s", how, self._backoff)
@@ -244,8 +251,13 @@ class Pool:
             log.warning("worker %d %s; starting another", slot.pid, how)
         return []
 
-    def _failed(self, slot: _Slot, why: str) -> Result:
-        return _result(slot.job, slot.started, ok=False, error=why)
+    def _failed(self, slot: _Slot, why: str, retry: bool = False) -> Result:
+        return _result(slot.job, slot.started, ok=False, error=why, retry=retry)
+
+    def returned(self) -> list[Job]:
+        """Jobs to queue again, first: their worker left before taking them."""
+        jobs, self._returned = self._returned, []
+        return jobs
 
     def describe(self) -> tuple[Worker, ...]:
         return tuple(
