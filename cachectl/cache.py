@@ -231,7 +231,9 @@ class Cache:
         self.refresh_views([name])
         return env
 
-    def env_rm(self, name: str) -> None:
+    def env_rm(self, name: str) -> int:
+        """Forget `name`, its pins, links and view, and the converted files no other
+        environment loads; the bytes freed."""
         self.env(name)
         if name == DEFAULT_ENV:
             raise CachectlError(None, "the default environment is the interpreter cachectl runs in",
@@ -241,6 +243,29 @@ class Cache:
 
         with self.store.lock("view:" + name):
             views.remove(self.store, name)
+        return self._drop_unloaded_conversions()
+
+    def _drop_unloaded_conversions(self) -> int:
+        """Remove converted files no environment's link names and no view links, manifest
+        before file; the bytes freed. A converter that links one meanwhile finds it gone
+        and converts again (convert_for checks the file)."""
+        snap = self.scan()
+        loaded = {l.converted for l in snap.links if l.converted}
+        kept_blobs = {b for c in snap.converted.values() if c.id in loaded for b in (c.sha256, c.torch_sha256) if b}
+        freed = 0
+        for c in snap.converted.values():
+            if c.id in loaded:
+                continue
+            with self.store.lock("converted:" + c.id):
+                self.store.remove_converted(c.id)
+                for path, sha in ((self.store.converted_path(c), c.sha256), (self.store.torch_path(c), c.torch_sha256)):
+                    if path is None or sha in kept_blobs or path.name in snap.linked or not path.exists():
+                        continue
+                    size = path.stat().st_size
+                    path.unlink()
+                    # a conversion that is the source itself is a second name of its blob: nothing freed
+                    freed += 0 if sha == c.source else size
+        return freed
 
     def env_refresh(self, name: str, progress: Callable[[str], None] | None = None) -> tuple[Environment, Environment]:
         """Re-probe `name`; when its timm changed, convert what its names need for the new one."""
@@ -284,30 +309,32 @@ class Cache:
         name = name or name_from_path(path)
         _check_name(name)
         ckpt = read(path)  # unreadable files are refused before anything is stored
-        sha, size = self.store.ingest_file(ckpt.weights)
-        # prune takes this lock to delete a source: held from here until a version names it
-        with self.store.lock("source:" + sha):
-            if not self.store.blob_path(sha).exists():  # a prune took the bytes since: again
-                self.store.ingest_file(ckpt.weights)
-            # identified and converted from the bytes the store recorded, never from the
-            # watched file, which its writer may change meanwhile; what the file said of
-            # itself (config.json, the hub repo) stays
-            ckpt = dataclasses.replace(read(self.store.blob_path(sha)), path=ckpt.path, hints=ckpt.hints)
-            source = self.store.get_source(sha)
-            said = (model, tuple(prefixes), source_timm)
-            changed = source is not None and any(said) and said != (source.model, source.prefixes, source.source_timm)
-            if source is None or changed:
-                source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes), source_timm=source_timm)
-                self.store.put_source(source)
-            version, is_new = self._new_version(name, sha, str(path.absolute()))
-        links = []
-        for env in self.environments():
-            if progress:
-                progress(env.name)
-            links.append(self.convert_for(sha, env, ckpt, again=bool(changed)))
-        if is_new and self._touches_views(version):
-            self.refresh_views()
-        return AddResult(version, source, is_new, tuple(links))
+        # a full disk is the store's problem, said as such; every write below leaves nothing half-done
+        with self.store.room(ckpt.size):
+            sha, size = self.store.ingest_file(ckpt.weights)
+            # prune takes this lock to delete a source: held from here until a version names it
+            with self.store.lock("source:" + sha):
+                if not self.store.blob_path(sha).exists():  # a prune took the bytes since: again
+                    self.store.ingest_file(ckpt.weights)
+                # identified and converted from the bytes the store recorded, never from the
+                # watched file, which its writer may change meanwhile; what the file said of
+                # itself (config.json, the hub repo) stays
+                ckpt = dataclasses.replace(read(self.store.blob_path(sha)), path=ckpt.path, hints=ckpt.hints)
+                source = self.store.get_source(sha)
+                said = (model, tuple(prefixes), source_timm)
+                changed = source is not None and any(said) and said != (source.model, source.prefixes, source.source_timm)
+                if source is None or changed:
+                    source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes), source_timm=source_timm)
+                    self.store.put_source(source)
+                version, is_new = self._new_version(name, sha, str(path.absolute()))
+            links = []
+            for env in self.environments():
+                if progress:
+                    progress(env.name)
+                links.append(self.convert_for(sha, env, ckpt, again=bool(changed)))
+            if is_new and self._touches_views(version):
+                self.refresh_views()
+            return AddResult(version, source, is_new, tuple(links))
 
     def _identify(self, ckpt: Checkpoint, sha: str, size: int, model: str | None = None,
                   prefixes: tuple[str, ...] = (), source_timm: str | None = None) -> Source:

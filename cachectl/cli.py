@@ -189,7 +189,8 @@ def inspect(file: Path, ema: bool, model: str | None, prefixes: tuple[str, ...],
     """
     from .inspection import inspect_file
 
-    report = inspect_file(file, python, ema=ema, model=model, prefixes=prefixes or None)
+    with _spinner("reading %s" % file.name, hidden=as_json):
+        report = inspect_file(file, python, ema=ema, model=model, prefixes=prefixes or None)
     if as_json:
         _emit_json(report.to_json())
         return
@@ -270,7 +271,7 @@ def convert(file: Path, output: Path | None, model: str | None, prefixes: tuple[
     from .convert import convert as run
     from .target import Target
 
-    with Target(python) as target:
+    with _spinner("converting %s" % file.name, hidden=as_json), Target(python) as target:
         result = run(file, output, target, model=model, ema=ema, prefixes=prefixes or None, source_timm=source_timm)
     if as_json:
         _emit_json({
@@ -492,7 +493,8 @@ def path(ctx: click.Context, ref: str, env: str | None, as_json: bool) -> None:
       python train.py --weights "$(cachectl path swin_tiny --env timm06)"
       cachectl path swin_tiny --env timm06 --json    # the file and the model to build for it
     """
-    with _cache(ctx) as cache:
+    # the first time for an environment it converts: seconds
+    with _cache(ctx) as cache, _spinner("resolving %s" % ref):
         resolved = cache.resolve(ref, env)
     if as_json:
         c = resolved.converted
@@ -523,11 +525,15 @@ def pin(ctx: click.Context, ref: str, env: str, as_json: bool) -> None:
 @main.command()
 @click.argument("name")
 @click.option("--env", required=True, help="The environment to unpin in.")
+@json_option
 @click.pass_context
-def unpin(ctx: click.Context, name: str, env: str) -> None:
+def unpin(ctx: click.Context, name: str, env: str, as_json: bool) -> None:
     """Let NAME follow its newest version again in ENV."""
     with _cache(ctx) as cache:
         removed = cache.unpin(name, env)
+    if as_json:
+        _emit_json({"name": name, "env": env, "was_pinned": removed})
+        return
     click.echo(("%s unpinned in %s" if removed else "%s was not pinned in %s") % (name, env))
 
 
@@ -684,11 +690,15 @@ def env() -> None:
 @env.command(name="add")
 @click.argument("name")
 @click.option("--python", "python", required=True, metavar="PY", help="The environment's interpreter (needs torch and timm).")
+@json_option
 @click.pass_context
-def env_add(ctx: click.Context, name: str, python: str) -> None:
+def env_add(ctx: click.Context, name: str, python: str, as_json: bool) -> None:
     """Register NAME, run by PY; what is already cached converts for it on first use."""
-    with _cache(ctx) as cache:
+    with _cache(ctx) as cache, _spinner("asking %s for its timm" % python, hidden=as_json):
         e = cache.env_add(name, python)
+    if as_json:
+        _emit_json({"name": e.name, "python": e.python, "timm": e.timm, "torch": e.torch})
+        return
     click.echo("%s: timm %s, torch %s (%s)" % (e.name, e.timm, e.torch, e.python))
 
 
@@ -712,21 +722,29 @@ def env_list(ctx: click.Context, as_json: bool) -> None:
 
 @env.command(name="rm")
 @click.argument("name")
+@json_option
 @click.pass_context
-def env_rm(ctx: click.Context, name: str) -> None:
-    """Forget NAME and its pins (converted files stay until pruned)."""
-    with _cache(ctx) as cache:
-        cache.env_rm(name)
-    click.echo("removed %s" % name)
+def env_rm(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Forget NAME, its pins and view, and delete the converted files only it loaded."""
+    with _cache(ctx) as cache, _spinner("removing %s" % name, hidden=as_json):
+        freed = cache.env_rm(name)
+    if as_json:
+        _emit_json({"removed": name, "freed": freed})
+        return
+    click.echo("removed %s, freed %s" % (name, _size(freed)))
 
 
 @env.command(name="refresh")
 @click.argument("name")
+@json_option
 @click.pass_context
-def env_refresh(ctx: click.Context, name: str) -> None:
+def env_refresh(ctx: click.Context, name: str, as_json: bool) -> None:
     """Re-probe NAME's timm; if it changed, convert what its names need for the new one."""
-    with _cache(ctx) as cache:
-        old, new = cache.env_refresh(name, progress=lambda sha: click.echo("converting %s" % sha[:12], err=True))
+    with _cache(ctx) as cache, _spinner("asking %s for its timm" % name, hidden=as_json) as step:
+        old, new = cache.env_refresh(name, progress=lambda sha: step("converting %s" % sha[:12]))
+    if as_json:
+        _emit_json({"name": name, "timm_before": old.timm, "timm": new.timm, "torch": new.torch})
+        return
     if old.timm == new.timm:
         click.echo("%s: timm %s, unchanged" % (name, new.timm))
     else:
@@ -796,12 +814,16 @@ def publish(ctx: click.Context, ref: str, as_name: str, env: str | None, as_json
 @main.command()
 @click.argument("as_name", metavar="ARCH.TAG")
 @click.option("--env", help="Only this environment's publication. Default: all of them.")
+@json_option
 @click.pass_context
-def unpublish(ctx: click.Context, as_name: str, env: str | None) -> None:
+def unpublish(ctx: click.Context, as_name: str, env: str | None, as_json: bool) -> None:
     """Stop serving what `publish --as ARCH.TAG` made the views serve."""
-    with _cache(ctx) as cache:
+    with _cache(ctx) as cache, _spinner("updating the views", hidden=as_json):
         gone = cache.unpublish(as_name, env)
         cache.refresh_views(sorted({p.env for p in gone if p.env}) if all(p.env for p in gone) else None)
+    if as_json:
+        _emit_json({"unpublished": as_name, "envs": sorted({p.env or "*" for p in gone})})
+        return
     click.echo("%s is no longer published%s" % (as_name, " in %s" % env if env else ""))
 
 
@@ -861,14 +883,18 @@ def views_refresh(ctx: click.Context, env: str | None, as_json: bool) -> None:
 
 @views.command(name="verify")
 @click.option("--env", help="Only this environment.")
+@json_option
 @click.pass_context
-def views_verify(ctx: click.Context, env: str | None) -> None:
+def views_verify(ctx: click.Context, env: str | None, as_json: bool) -> None:
     """Check that every link of the views resolves and every served file loads strictly.
 
     Exits 1 and lists the problems, if there are any.
     """
-    with _cache(ctx) as cache:
+    with _cache(ctx) as cache, _spinner("checking the views", hidden=as_json):
         problems = cache.verify_views([cache.env(env).name] if env else None)
+    if as_json:
+        _emit_json({"ok": not problems, "problems": problems})
+        sys.exit(1 if problems else 0)
     for p in problems:
         click.echo(p, err=True)
     if problems:

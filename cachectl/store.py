@@ -24,6 +24,7 @@ owner keeps everything private.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from typing import Iterator
 import filelock
 
 from . import locks
-from .errors import CachectlError
+from .errors import CachectlError, NoSpaceError
 from .regular import open_regular
 
 FORMAT = 1
@@ -316,6 +317,21 @@ class Store:
     def _lock_path(self, name: str) -> Path:
         return self.locks / ("%s.lock" % hashlib.sha1(name.encode()).hexdigest()[:20])
 
+    @contextmanager
+    def room(self, need: int) -> Iterator[None]:
+        """Turn a full disk under the store into NoSpaceError: where, and about how much is needed."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            mount = self.root
+            while not os.path.ismount(mount) and mount != mount.parent:
+                mount = mount.parent
+            raise NoSpaceError(None, "no space left on %s%s, need about %d MB" % (
+                mount, " (your quota)" if exc.errno == errno.EDQUOT else "", -(-need // 10**6)),
+                "Free space there (cachectl prune frees the cache's), then try again.") from None
+
     def is_locked(self, name: str) -> bool:
         if not self._lock_path(name).exists():
             return False  # never taken (a kernel lock's file stays; a soft one's goes with it)
@@ -433,6 +449,9 @@ class Store:
         from .scan import scan
 
         return dict(scan(self).converted)
+
+    def remove_converted(self, cid: str) -> None:
+        (self.converted / ("%s.json" % cid)).unlink(missing_ok=True)
 
     def versions(self, name: str) -> list[Version]:
         raw = self.read_json(self.names / ("%s.json" % name)) or {"versions": []}

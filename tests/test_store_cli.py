@@ -328,3 +328,107 @@ def test_a_safetensors_file_that_loads_as_it_is_is_its_own_conversion(root, tmp_
 
 def same_outputs(a, b) -> bool:
     return a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+
+
+LONG = "a_fine_tuned_mobilenet_whose_name_is_longer_than_an_eighty_column_terminal_is_wide"
+
+
+def test_listing_answers_people_and_scripts(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    first = copy_to(made.path, tmp_path / "net.pth")
+    cli("add", first, "--name", LONG)
+    cli("add", other_bytes(made.path, tmp_path / "net2.pth"), "--name", LONG)
+    cli("add", copy_to(made.path, tmp_path / "small.pth"), "--name", "small")
+    cli("env", "add", "prod", "--python", sys.executable)
+    cli("pin", "%s@1" % LONG, "--env", "prod")
+
+    # names are typed into other commands: whole at 80 columns
+    table = CliRunner().invoke(main, ["list"], env={"COLUMNS": "80"})
+    assert table.exit_code == 0 and "%s@1" % LONG in table.output and "%s@2" % LONG in table.output
+    assert "None" not in table.output
+    # names only, a pattern, an order
+    assert cli("list", "-q").output.split() == ["%s@1" % LONG, "%s@2" % LONG, "small@1"]
+    assert cli("list", "-q", "a_fine*@2").output.split() == ["%s@2" % LONG]
+    assert cli("list", "-q", "--sort", "age").output.split()[0] == "small@1"
+    assert cli("list", "nothing*").output.strip() == "nothing matches nothing*"
+    # sizes: the stored file and its converted copies apart
+    row = rows()["small@1"]
+    assert row["source_size"] == first.stat().st_size and row["converted_size"] > 0
+    assert row["size"] == row["source_size"] + row["converted_size"]
+    # an environment's listing shows its own pins only
+    listed = {r["version"]: r for r in json.loads(cli("list", "--env", "default", "--json").output)}
+    assert listed["%s@1" % LONG]["pinned"] == []
+    listed = {r["version"]: r for r in json.loads(cli("list", "--env", "prod", "--json").output)}
+    assert listed["%s@1" % LONG]["pinned"] == ["prod"]
+    # show names the source's format and never prints None
+    shown = cli("show", "small").output
+    assert "None" not in shown and "torch" in shown.splitlines()[1]
+    assert json.loads(cli("show", "small", "--json").output)["source"]["format"] not in (None, "None")
+    # every command that answers answers in JSON too
+    assert json.loads(cli("unpin", LONG, "--env", "prod", "--json").output)["was_pinned"] is True
+    assert json.loads(cli("views", "verify", "--json").output)["ok"] is True
+    assert json.loads(cli("env", "rm", "prod", "--json").output)["removed"] == "prod"
+
+
+def test_the_store_owns_its_layout_and_reports_what_it_cannot_read(root, tmp_path):
+    made = make_checkpoint(INSTALLED, SMALL)
+    cli("add", copy_to(made.path, tmp_path / "net.pth"))
+    cli("add", other_bytes(made.path, tmp_path / "net.pth"))
+    cli("pin", "net@1", "--env", "default")
+    tag = (root / "CACHEDIR.TAG").read_text()
+    assert tag.startswith("Signature: 8a477f597d28d172789f06886806bc55")
+    written = [p for d in ("store-v1", "envs", "pins") for p in (root / d).rglob("*.json")]
+    assert len(written) >= 8
+    for path in written:
+        assert json.loads(path.read_text())["format"] == 1, path
+
+    # one damaged manifest, one from a newer cachectl: reported, the rest still listed
+    net1, net2 = rows()["net@1"]["sha256"], rows()["net@2"]["sha256"]
+    (root / "store-v1" / "sources" / ("%s.json" % net1)).write_text('{"sha256": "trunc')
+    converted = next((root / "store-v1" / "converted").glob("%s*.json" % net2[:16]))
+    converted.write_text(json.dumps({"format": 2, "id": "x"}))
+    listed = CliRunner().invoke(main, ["list", "--json"])
+    assert listed.exit_code == 0
+    assert sorted(r["version"] for r in json.loads(listed.stdout)) == ["net@1", "net@2"]
+    assert "is damaged" in listed.stderr and "written by a newer cachectl (format 2" in listed.stderr
+    shown = CliRunner().invoke(main, ["show", "net@1"])
+    assert shown.exit_code == 0 and "Traceback" not in shown.output and "cachectl verify net@1" in shown.stdout
+    verified = cli("verify", ok=False)
+    assert verified.exit_code == 1 and "%s.json: is damaged" % net1 in verified.output
+
+
+def test_a_root_that_is_not_a_store_is_refused(root, tmp_path):
+    typo = tmp_path / "cachectl-sotre"
+    refused = cli("--root", typo, "list", ok=False)
+    assert refused.exit_code == 1 and "does not exist" in refused.output and "init" in refused.output
+    assert not typo.exists()
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"jpg")
+    refused = cli("--root", other, "list", ok=False)
+    assert refused.exit_code == 1 and "is not a cachectl store" in refused.output
+    assert sorted(p.name for p in other.iterdir()) == ["cat.jpg"]
+    # made on purpose, it is a store; status names the folder it looked at
+    assert "store at %s" % typo in cli("--root", typo, "init").output
+    assert cli("--root", typo, "list", "--json").output.strip() == "[]"
+    assert str(typo) in cli("--root", typo, "status", ok=False).output
+
+
+def test_prune_keeps_a_version_added_with_the_same_bytes_while_it_asked(root, tmp_path):
+    from cachectl.cache import Cache
+    from cachectl.prune import Policy, plan
+
+    made = make_checkpoint(INSTALLED, SMALL)
+    first = copy_to(made.path, tmp_path / "net.pth")
+    cli("add", first)
+    cli("add", other_bytes(made.path, tmp_path / "net2.pth"), "--name", "net")
+    with Cache(root) as cache:
+        p = plan(cache.store, Policy(keep_last=1))
+        assert [v.ref for v in p.versions] == ["net@1"]
+        # while the prompt is open, the same bytes come in under another name
+        cli("add", first, "--name", "again")
+        p.execute(cache.store)
+    assert sorted(rows()) == ["again@1", "net@2"]
+    path = Path(cli("path", "again").output.strip())
+    assert path.is_file()
+    assert json.loads(cli("verify", "--json").output) == {"ok": True, "problems": []}
