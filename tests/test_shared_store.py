@@ -233,3 +233,44 @@ def test_locks_on_this_machine_and_the_override(tmp_path, monkeypatch):
     monkeypatch.setenv("CACHECTL_LOCKS", "flock")
     with pytest.raises(Exception, match="CACHECTL_LOCKS=flock is neither kernel nor soft"):
         Store(tmp_path / "root").lock("z").__enter__()
+
+
+def test_locks_are_read_from_the_real_mount_the_store_is_on(tmp_path, monkeypatch):
+    # no NFS server runs here (no nfsd): a tmpfs mounted for the test proves the store is
+    # judged by its own mount, not by /; the NFS, CIFS and FUSE rules are the table above
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a filesystem for the test")
+    monkeypatch.delenv("CACHECTL_LOCKS", raising=False)
+    point = tmp_path / "mnt"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "cachectl-test", str(point)]).returncode:
+        pytest.skip("mount -t tmpfs is refused here")
+    try:
+        store = Store(point / "store").init()
+        assert store.locking == locks.LockChoice("kernel", "tmpfs mount at %s" % point)
+        with store.lock("x", timeout=1):
+            assert Store(point / "store").is_locked("x")
+    finally:
+        subprocess.run(["umount", str(point)])
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small filesystem for the test")
+    from click.testing import CliRunner
+
+    from cachectl.cli import main
+
+    point = tmp_path / "small"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cachectl-full", str(point)]).returncode:
+        pytest.skip("mount -t tmpfs is refused here")
+    try:
+        made = make_checkpoint(INSTALLED, SMALL)  # about 6 MB: more than the disk holds
+        result = CliRunner().invoke(main, ["--root", str(point), "add", str(made.path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert "no space left on" in result.output.lower() and "cachectl prune" in result.output
+        assert len([line for line in result.output.splitlines() if line.strip()]) == 1, result.output
+        assert not [p for p in point.rglob("*") if p.is_file() and p.name != "CACHEDIR.TAG"]
+    finally:
+        subprocess.run(["umount", str(point)])

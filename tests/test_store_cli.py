@@ -432,3 +432,19 @@ def test_prune_keeps_a_version_added_with_the_same_bytes_while_it_asked(root, tm
     path = Path(cli("path", "again").output.strip())
     assert path.is_file()
     assert json.loads(cli("verify", "--json").output) == {"ok": True, "problems": []}
+
+
+@pytest.mark.slow
+def test_env_rm_frees_what_only_it_loaded(root, tmp_path):
+    cli("env", "add", "old", "--python", python_for("0.6.13"))
+    made = make_checkpoint("0.6.13", "levit_128s")
+    cli("add", made.path, "--name", "levit")
+    only_old = Path(json.loads(cli("path", "levit", "--env", "old", "--json").output)["path"])
+    default = Path(cli("path", "levit").output.strip())
+    assert only_old != default and only_old.is_file()
+    size = only_old.stat().st_size
+    answer = json.loads(cli("env", "rm", "old", "--json").output)
+    assert answer == {"removed": "old", "freed": size}
+    assert not only_old.exists() and default.is_file()
+    assert json.loads(cli("verify", "--json").output) == {"ok": True, "problems": []}
+    assert rows()["levit@1"]["environments"] == ["default"]
