@@ -343,20 +343,6 @@ def read(store: Store, env: str) -> dict | None:
     return store.read_json(view_dir(store, env) / "view.json")
 
 
-def linked_blobs(store: Store) -> set[str]:
-    """Names of the blob files any view links to, current or in its grace period."""
-    out = set()
-    views = store.root / "views"
-    if not views.is_dir():
-        return out
-    for dirpath, dirnames, filenames in os.walk(views):
-        for name in filenames + dirnames:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                out.add(os.path.basename(os.readlink(path)))
-    return out
-
-
 def broken_links(store: Store, env: str) -> list[str]:
     """Links in the view of `env` that do not resolve, and refs naming no snapshot."""
     problems = []
