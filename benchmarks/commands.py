@@ -2,7 +2,7 @@
 
     nice -n 10 python -m benchmarks.commands [--runs 5] [--entries 10000]    (also part of make bench)
 
-Prints, beside two baselines measured in the same run (`python -c pass`, and
+Prints, each the median of --runs after one warm-up run, beside two baselines measured in the same run (`python -c pass`, and
 `python -c "import torch"`, what every command paid before it read headers only):
   - `cachectl inspect --json` of a ~100 MB and a ~2.5 GB checkpoint, each as .safetensors
     and as .pth: median wall time and peak RSS (targets: 0.3 s, 100 MB);
@@ -40,6 +40,11 @@ class Run:
 
 
 def measure(cmd: list[str], runs: int, env: dict | None = None) -> Run:
+    # as an installed cachectl runs: from compiled bytecode (pip compiles it at install; a run
+    # with PYTHONDONTWRITEBYTECODE compiles every module every time), after one run not
+    # counted that writes it and brings the files into the page cache
+    env = {k: v for k, v in (env or os.environ).items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     times, peaks = [], []
     for _ in range(runs):
         start = time.perf_counter()

@@ -205,11 +205,14 @@ def _catalog_keys(catalog: Catalog) -> frozenset[str]:
 
 def _identify_layout(layout: Layout, ckpt: Checkpoint, catalog: Catalog, model: str | None,
                      prefix: str, *, partial: bool) -> Tag | None:
-    if len(layout.tensors) * PARTIAL_FLOOR > catalog.largest_layout():
+    # an exact match needs the index only; the catalog's layouts (2 s, 300 MB to read) are
+    # read only when there is none
+    candidates = _exact(layout, catalog)
+    if not candidates and len(layout.tensors) * PARTIAL_FLOOR > catalog.largest_layout():
         # no catalogued model has this many tensors, nor matches a share of them: said at
         # once, not after a pass over all of them per classifier (100,000 tensors: seconds)
         return None
-    candidates = _exact(layout, catalog) or _but_classifier(layout, catalog)
+    candidates = candidates or _but_classifier(layout, catalog)
     if not candidates and partial:
         candidates = _partial(layout, catalog)
     if not candidates:
