@@ -280,12 +280,13 @@ class Cache:
         self.refresh_views([name])
         return old, new
 
-    def _needed_versions(self, env: Environment) -> list[Version]:
-        """The version each name resolves to in `env`: its pin, else the newest."""
+    def _needed_versions(self, env: Environment, versions: list[Version] | None = None) -> list[Version]:
+        """The version each name resolves to in `env`: its pin, else the newest (of
+        `versions`, when the caller read them already)."""
         pins = self.store.pins_of(env.name)
         newest: dict[str, Version] = {}
         out = []
-        for v in self.store.all_versions():
+        for v in self.store.all_versions() if versions is None else versions:
             if pins.get(v.name) == v.version:
                 out.append(v)
             elif v.name not in pins and (v.name not in newest or v.version > newest[v.name].version):
@@ -624,11 +625,14 @@ class Cache:
         from . import views
 
         plans = []
+        # read once for every environment: names and the sources they need, not per view
+        versions = self.store.all_versions()
+        sources: dict[str, Source | None] = {}
         for env in self.environments():
             if envs is not None and env.name not in envs:
                 continue
             with self.store.lock("view:" + env.name):
-                entries, failed = self._view_entries(env, progress)
+                entries, failed = self._view_entries(env, progress, versions, sources)
                 target = self.target(env)
                 before = views.read(self.store, env.name) or {}
                 # proven by an earlier build for this timm: the check is not repeated
@@ -663,14 +667,15 @@ class Cache:
                 return True
         return False
 
-    def _view_entries(self, env: Environment, progress: Callable[[str], None] | None) -> tuple[list[Entry], list[Skipped]]:
+    def _view_entries(self, env: Environment, progress: Callable[[str], None] | None, versions: list[Version],
+                      sources: dict[str, Source | None]) -> tuple[list[Entry], list[Skipped]]:
         from . import pretrained
         from .views import Entry, Skipped
 
         publications = [p for p in self.store.all_publications() if p.env in (None, env.name)]
         wanted: list[tuple[Version, frozenset[str], str | None]] = []
-        for v in self._needed_versions(env):
-            keys = self._pretrained_keys(v)
+        for v in self._needed_versions(env, versions):
+            keys = self._pretrained_keys(v, sources)
             if keys:
                 wanted.append((v, keys, None))
             for p in publications:
@@ -695,11 +700,16 @@ class Cache:
             entries.append(Entry(v.ref, converted, keys, v.added, as_name))
         return entries, failed
 
-    def _pretrained_keys(self, v: Version) -> frozenset[str]:
-        """What `v` is by itself: the hub repo it came from, or a pretrained URL's file name."""
+    def _pretrained_keys(self, v: Version, sources: dict[str, Source | None] | None = None) -> frozenset[str]:
+        """What `v` is by itself: the hub repo it came from, or a pretrained URL's file name.
+        `sources`: those read so far, filled as it goes."""
         from . import pretrained
 
-        source = self.store.get_source(v.source)
+        if sources is None:
+            sources = {}
+        if v.source not in sources:
+            sources[v.source] = self.store.get_source(v.source)
+        source = sources[v.source]
         if source is None or not source.architecture:
             return frozenset()
         origin = Path(v.origin)
