@@ -10,7 +10,7 @@ def load_state_dict(name: str, env: str | None = None, root: str | None = None):
 
     from .cache import Cache
 
-    with Cache(root) as cache:
+    with Cache(root, create=root is None) as cache:  # a root named must exist: a typo is no store
         return load_file(cache.resolve(name, env or cache.env_here().name).path)
 
 
@@ -23,7 +23,7 @@ def create_model(name: str, env: str | None = None, root: str | None = None, **k
 
     from .cache import Cache
 
-    with Cache(root) as cache:
+    with Cache(root, create=root is None) as cache:  # a root named must exist: a typo is no store
         resolved = cache.resolve(name, env or cache.env_here().name)
     model = timm.create_model(resolved.converted.model, **{**resolved.converted.model_kwargs, **kwargs})
     model.load_state_dict(load_file(resolved.path), strict=True)

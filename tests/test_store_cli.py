@@ -396,6 +396,14 @@ def test_the_store_owns_its_layout_and_reports_what_it_cannot_read(root, tmp_pat
     verified = cli("verify", ok=False)
     assert verified.exit_code == 1 and "%s.json: is damaged" % net1 in verified.output
 
+    # a store from before tags and versioned pins is recognised and read, not refused
+    (root / "CACHEDIR.TAG").unlink()
+    (root / "pins" / "default.json").write_text(json.dumps({"net": 1}))
+    listed = {r["version"]: r for r in json.loads(cli("--root", root, "list", "--json").stdout)}
+    assert listed["net@1"]["pinned"] == ["default"] and (root / "CACHEDIR.TAG").is_file()
+    with pytest.raises(cachectl.errors.CachectlError, match="does not exist"):
+        cachectl.load_state_dict("net", root=str(tmp_path / "typo"))
+
 
 def test_a_root_that_is_not_a_store_is_refused(root, tmp_path):
     typo = tmp_path / "cachectl-sotre"
