@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup daemon shell test test-fast matrix catalog bench clean wheelhouse
+.PHONY: setup daemon shell test test-fast torture matrix catalog bench clean wheelhouse
 
 # pip without -q: the first run downloads about 3 GB (torch and its CUDA libraries), shown as it goes
 $(STAMP): pyproject.toml constraints.txt
@@ -30,7 +30,13 @@ test: $(STAMP)
 
 # no timm release installed or run, no converting daemon: under two minutes
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m 'not slow and not matrix'
+	$(BIN)/python -m pytest -q -m 'not slow and not matrix and not reliability'
+
+# the reliability suite (part of make test) for longer: every case through the installed
+# cachectl, TORTURE times the kills and larger inputs; prints its figures at the end
+TORTURE ?= 4
+torture: $(STAMP)
+	CACHECTL_TORTURE=$(TORTURE) $(BIN)/python -m pytest -q -m reliability tests/test_reliability.py
 
 matrix: $(STAMP)
 	$(BIN)/python -m tools.matrix

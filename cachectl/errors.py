@@ -29,6 +29,10 @@ def printable(text: str) -> str:
     return text.translate(_UNPRINTABLE)
 
 
+class NoSpaceError(CachectlError):
+    """The store's disk is full: not the input's fault; the same work succeeds once there is room."""
+
+
 class CheckpointError(CachectlError):
     """The file is not a checkpoint cachectl can read safely."""
 

@@ -13,6 +13,7 @@ a sample runs through the executable, so the two are proven to agree.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -71,14 +72,11 @@ FIGURES = Figures()
 def report(request):
     started = time.monotonic()
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    text = "%s; %.0f s in all" % (FIGURES.line(), time.monotonic() - started)
-    if reporter:
-        reporter.write_line("")
-        reporter.write_line(text)
-        reporter.write_line("slowest runs: %s" % "; ".join("%.1f s cachectl %s" % r for r in FIGURES.slowest))
-    else:
-        print(text)
+    text = "\n%s; %.0f s in all\nslowest runs: %s" % (
+        FIGURES.line(), time.monotonic() - started, "; ".join("%.1f s cachectl %s" % r for r in FIGURES.slowest))
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(text, flush=True)  # to the terminal, passed or failed
 
 
 # -- running cachectl ------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def test_every_hostile_input_is_one_line_through_inspect_convert_and_add(corpus,
     assert problem(listing) is None and listing.code == 0, listing.err
     rows = json.loads(listing.out)
     for r in (run("--root", root, "list", tmp=tmp_path, real=True),
-              *(run("--root", root, "show", row["version"], tmp=tmp_path) for row in rows)):
+              *(run("--root", root, "show", "--", row["version"], tmp=tmp_path) for row in rows)):
         if problem(r) or r.code != 0:
             failures.append("%s: %s" % (" ".join(r.args[2:]), problem(r) or r.err))
     verify = run("--root", root, "verify", tmp=tmp_path)
@@ -546,3 +544,107 @@ def test_sigkill_of_the_daemon_and_of_a_worker(checkpoints, tmp_path, daemons):
     assert "Traceback" not in log.read_text()
     assert not problems, "\n".join(problems)
     assert all(r["state"] == "ready" for r in rows), rows
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MB tmpfs the test mounts (root only); skipped, saying why, where it cannot."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (%s): the full-disk case needs root or CAP_SYS_ADMIN"
+                    % (made.stderr.strip() or "mount failed"))
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` until `leave` bytes are free; the filler file, to remove later."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\1" * max(0, free - leave))
+    return filler
+
+
+def test_a_full_disk_publishes_nothing_and_the_daemon_goes_on_once_there_is_room(checkpoints, small_disk, tmp_path,
+                                                                                  daemons):
+    root = small_disk / "root"
+    assert run("--root", root, "init", tmp=tmp_path).code == 0
+    ckpt = checkpoints[-1]
+    filler = fill(small_disk, ckpt.stat().st_size // 2)
+    full = run("--root", root, "add", ckpt, tmp=tmp_path, real=True, timeout=300)
+    assert problem(full) is None and full.code == 1, full.err
+    assert "no space left on %s, need about %d MB" % (small_disk, -(-ckpt.stat().st_size // 10**6)) in full.err, full.err
+    assert store_leftovers(root) == [], "a temporary outlived the failed write"
+    listing = run("--root", root, "list", "--json", tmp=tmp_path)
+    assert json.loads(listing.out) == [], "something was published"
+
+    # the daemon: the same answer, then the file is converted once room returns, without a restart
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    d = daemons(root, tmp_path / "daemon.log", "--watch", inbox, "--quiet-seconds", 0.5)
+    path = inbox / ckpt.name
+    path.write_bytes(ckpt.read_bytes())
+    failed = wait_for(lambda: next((r for r in d.status().get("recent", []) if r["path"] == str(path)), None),
+                      "the daemon to meet the full disk", d)
+    assert not failed["ok"] and "no space left on %s" % small_disk in failed["error"], failed
+    filler.unlink()
+    wait_for(lambda: any(r["ok"] for r in d.results(path)), "the daemon to convert it once there is room", d)
+    assert d.proc.poll() is None
+    rows = json.loads(run("--root", root, "list", "--json", tmp=tmp_path).out)
+    assert [r["state"] for r in rows] == ["ready"], rows
+    assert run("--root", root, "verify", tmp=tmp_path).code == 0
+
+
+# -- daemons on one store, and what no one may plant -----------------------------------------------
+
+
+def test_daemons_on_one_store_and_planted_links(checkpoints, tmp_path, daemons):
+    root = tmp_path / "root"
+    inbox = root / "inbox"
+    assert run("--root", root, "init", tmp=tmp_path).code == 0
+    # a stale status naming pid 1, alive in every container, with a fresh time: it blocks no one
+    status = root / "cachectld.status.json"
+    status.write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "started": time.time(), "updated": time.time(),
+                                  "root": str(root), "config": None, "watch": [], "workers": [], "queued": 0,
+                                  "waiting": 0, "recent": [], "failures": [], "format": 1}))
+    # two daemons started at one moment: exactly one runs, the other says who does, in one line
+    cmd = [str(EXECUTABLE.with_name("cachectld")), "--root", str(root), "--quiet-seconds", "0.5"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for _ in range(2)]
+    try:
+        wait_for(lambda: any(p.poll() is not None for p in procs), "one of two daemons to give way", timeout=120)
+        time.sleep(3)
+        running = [p for p in procs if p.poll() is None]
+        refused = [p for p in procs if p.poll() is not None]
+        assert len(running) == 1 and len(refused) == 1, [p.poll() for p in procs]
+        text = refused[0].stdout.read()
+        assert refused[0].returncode == 1 and "another cachectld" in text and "Traceback" not in text, text
+        wait_for(lambda: json.loads(status.read_text()).get("pid") == running[0].pid, "the running one's status")
+        # a link planted at every name the status could be written through: nothing outside is written
+        victim = tmp_path / "victim"
+        victim.write_text("mine")
+        for name in (".cachectld.status.json.pid%d.tmp" % running[0].pid, ".cachectld.seen.json.pid%d.tmp"
+                     % running[0].pid):
+            (root / name).symlink_to(victim)
+        # a user's upload in progress in the inbox, and a checkpoint dropped beside it
+        upload = inbox / ".upload.pth.tmp"
+        upload.write_bytes(b"half")
+        (inbox / "one.pth").write_bytes(checkpoints[0].read_bytes())
+        wait_for(lambda: any(r["ok"] for r in json.loads(status.read_text()).get("recent", [])), "a conversion")
+        time.sleep(6)  # more than one status write
+        assert victim.read_text() == "mine"
+        assert run("--root", root, "prune", "--keep-last", 1, "--yes", tmp=tmp_path).code == 0
+        assert upload.read_bytes() == b"half", "prune touched a file in a watched folder"
+        named = run("--root", root, "add", checkpoints[1], "--name", "../../x", tmp=tmp_path)
+        assert named.code != 0 and problem(named) is None and not (tmp_path / "x.json").exists()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=90)

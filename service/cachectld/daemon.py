@@ -7,6 +7,7 @@ happens or a timer is due.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from cachectl.store import Store
 
 from .config import Config, ConfigError
 from .notify import Notifier
-from .status import WRITE_EVERY, History, Result, Status, read_status, status_path, write_status
+from .status import WRITE_EVERY, History, Result, Status, process_ticks, read_status, status_path, write_status
 from .tracker import Job, Tracker
 from .watcher import Watcher
 from .workers import Pool
@@ -39,6 +40,16 @@ class Daemon:
         self._load_config = reload
         self.notifier = notifier
         self.store = Store(cfg.root).init()
+        # held while this daemon lives, released by the kernel when it dies (even by SIGKILL):
+        # two daemons started at one moment cannot both pass, and a stale status blocks none
+        self._alone = contextlib.ExitStack()
+        try:
+            self._alone.enter_context(self.store.lock("cachectld", timeout=0))
+        except CachectlError:
+            previous = self._previous()
+            who = " (pid %d on %s)" % (previous.pid, previous.host) if previous and previous.pid != os.getpid() else ""
+            raise CachectlError(status_path(self.store.root), "another cachectld%s runs on this store" % who,
+                                "Stop it first (systemctl stop cachectld), or give this one another CACHECTL_ROOT.")
         self.started = time.time()
         self.queue: deque[Job] = deque()
         self.tracker = Tracker(cfg.quiet_seconds, done=self._load_seen())
@@ -54,19 +65,17 @@ class Daemon:
         self._dirty = True
         self._last_write = self._last_ping = 0.0
         self._last_status = ""
+        self._later: list[tuple[float, Job]] = []  # (monotonic time, job): to try again then (a full disk)
 
     # -- start-up
 
     def _previous(self) -> Status | None:
+        """What the last daemon on this store wrote (its history is carried on), if anything."""
         try:
             previous = read_status(self.store.root)
         except CachectlError as exc:
             log.warning("%s; starting with an empty history", exc)
             return None
-        if previous and previous.running() and previous.pid != os.getpid():
-            raise CachectlError(status_path(self.store.root), "another cachectld (pid %d on %s) runs on this store"
-                                % (previous.pid, previous.host),
-                                "Stop it first (systemctl stop cachectld), or give this one another CACHECTL_ROOT.")
         return previous
 
     def _load_seen(self) -> dict:
@@ -114,6 +123,10 @@ class Daemon:
         for result in self.pool.collect(now):
             self._record(result)
         self.queue.extendleft(self.pool.returned())  # sent to a worker that was already leaving
+        due = [job for when, job in self._later if when <= now]
+        if due:
+            self._later = [(when, job) for when, job in self._later if when > now]
+            self.queue.extend(due)
         self.pool.fill(now)
         room = self.cfg.queue_size - len(self.queue)
         if room > 0:
@@ -132,7 +145,11 @@ class Daemon:
         return self.pool.busy() | {j.path for j in self.queue}
 
     def _record(self, result: Result) -> None:
-        self.tracker.finish(Job(Path(result.path), (result.size, result.mtime_ns)), lasting=not result.retry)
+        job = Job(Path(result.path), (result.size, result.mtime_ns))
+        if result.again_in:
+            self._later.append((time.monotonic() + result.again_in, job))
+        else:
+            self.tracker.finish(job, lasting=not result.retry)
         self.history.add(result)
         self._dirty = True
         if result.ok:
@@ -151,6 +168,7 @@ class Daemon:
             due = self.tracker.next_due(self._busy())
             if due is not None:
                 times.append(due + 0.01)  # just past: due means quiet for at least quiet_seconds
+        times += [when for when, _ in self._later]
         deadline = self.pool.next_deadline()
         if deadline is not None:
             times.append(deadline + 0.01)
@@ -220,7 +238,7 @@ class Daemon:
             root=str(self.store.root), config=str(self.cfg.file) if self.cfg.file else None,
             watch=self.watcher.watches, workers=self.pool.describe(), queued=len(self.queue),
             waiting=self.tracker.waiting, recent=tuple(self.history.recent), failures=self.history.failures,
-            scanned=self.watcher.last_scan, stopped=stopped,
+            scanned=self.watcher.last_scan, stopped=stopped, ticks=process_ticks(os.getpid()),
         )
 
     def _heartbeat(self, now: float) -> None:
@@ -262,6 +280,7 @@ class Daemon:
         for result in self.pool.stop(self.cfg.stop_grace_seconds, tick):
             self._record(result)
         self._write(stopped=time.time())
+        self._alone.close()
         self.notifier.close()
         log.info("stopped")
         return 0

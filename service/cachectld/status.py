@@ -38,6 +38,7 @@ class Result:
     new_version: bool = False  # False: the same bytes were already the newest version
     error: str | None = None  # why it failed, for a person
     retry: bool = False  # not the file's fault for sure (its worker died): taken again at the next start
+    again_in: float | None = None  # not the file's fault (the store's disk is full): taken again this many seconds on
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Status:
     failures: tuple[Result, ...]
     scanned: float | None = None  # when the last full scan of every watched folder ended
     stopped: float | None = None  # set by the last write of a clean stop
+    ticks: int | None = None  # when its process started (clock ticks since boot): a pid reused since is another process
     format: int = field(default=FORMAT)
 
     @property
@@ -79,7 +81,9 @@ class Status:
         now = time.time() if now is None else now
         if self.stopped or now - self.updated > FRESH:
             return False
-        return self.host != socket.gethostname() or _alive(self.pid)
+        if self.host != socket.gethostname():
+            return True
+        return _alive(self.pid) and (self.ticks is None or process_ticks(self.pid) == self.ticks)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -148,3 +152,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # it exists, run by another user
         return True
     return True
+
+
+def process_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux); None where unknown."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
-from cachectl.errors import CachectlError
+from cachectl.errors import CachectlError, NoSpaceError
 
 from . import logs
 from .config import Config
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 MAX_BACKOFF = 60.0  # seconds between two attempts to start a worker that keeps dying
-RETIRE_SECONDS = 10.0  # an idle worker told to exit gets this long before it is killed
+RETIRE_SECONDS = 10.0
+NO_SPACE_RETRY = 15.0  # seconds before a file that met a full store disk is tried again  # an idle worker told to exit gets this long before it is killed
 
 
 # -- in the worker process ---------------------------------------------------------------
@@ -85,6 +86,8 @@ def _limit_memory(mb: int) -> None:
 def _convert(cache, job: Job, started: float, memory_limit_mb: int) -> Result:
     try:
         added = cache.add(job.path)
+    except NoSpaceError as exc:  # the store's disk, not the file: the daemon tries again later
+        return _result(job, started, ok=False, error=str(exc), again_in=NO_SPACE_RETRY)
     except CachectlError as exc:
         error = str(exc)
         if memory_limit_mb and os.strerror(errno.ENOMEM) in error:  # a refused mmap, reported as a bad file
