@@ -129,10 +129,30 @@ def test_a_file_is_complete_when_closed_or_quiet_and_taken_again_only_when_chang
     assert not tracker.observe(c, closed=True, now=104.0)  # a rescan or event that changed nothing
     assert tracker.take(now=200.0, room=10, busy=set()) == []
 
-    os.utime(path, ns=(1, 2))  # changed: taken again, at once since the writer closed it
+    os.utime(path, ns=(1, 2))  # changed: taken again, a second after the writer closed it
     assert tracker.observe(c, closed=True, now=300.0)
-    [again] = tracker.take(now=300.0, room=10, busy=set())
+    assert tracker.take(now=300.5, room=10, busy=set()) == []  # a writer that reopens does so by then
+    [again] = tracker.take(now=301.0, room=10, busy=set())
     assert again.signature == (6, 2)
+
+
+def test_a_file_closed_after_every_append_is_taken_once_it_stops(tmp_path):
+    path = tmp_path / "log.pth"
+    path.write_bytes(b"1")
+    c = Candidate(path, path)
+    tracker = Tracker(quiet_seconds=5)
+    tracker.observe(c, closed=True, now=0.0)
+    taken = []
+    for i in range(1, 20):  # appended and closed every half second for ten seconds
+        with open(path, "ab") as f:
+            f.write(b"x")
+        os.utime(path, ns=(i, i))
+        tracker.observe(c, closed=True, now=i / 2)
+        taken += tracker.take(now=i / 2 + 0.4, room=10, busy=set())
+    assert taken == []  # never while it grows, though every append ended in a close
+    assert tracker.take(now=9.5 + 4.9, room=10, busy=set()) == []
+    [job] = tracker.take(now=9.5 + 5.0, room=10, busy=set())  # quiet_seconds after the last append
+    assert job.signature == c.signature()
 
 
 def test_a_change_between_event_and_check_restarts_the_quiet_period(tmp_path):
