@@ -250,8 +250,8 @@ class Store:
                 os.mkdir(p)
             except FileExistsError:
                 continue
-            if p == self.root:
-                continue  # the root's bits are the policy, not subject to it
+            if p == self.root or p in self.root.parents:
+                continue  # the root's bits are the policy, not subject to it; its parents are not the store's
             mode = os.stat(p).st_mode
             if mode & 0o777 != self.modes.folder:
                 try:
