@@ -551,7 +551,7 @@ def pins(ctx: click.Context, env: str | None, as_json: bool) -> None:
         return
     out = Table(box=None, header_style="bold")
     for col in ("ENV", "NAME", "VERSION"):
-        out.add_column(col)
+        out.add_column(col, overflow="fold")  # names are typed into other commands: wrapped, never cut
     for e, p in table.items():
         for name, v in sorted(p.items()):
             out.add_row(e, name, str(v))
@@ -694,12 +694,15 @@ def env() -> None:
 @click.pass_context
 def env_add(ctx: click.Context, name: str, python: str, as_json: bool) -> None:
     """Register NAME, run by PY; what is already cached converts for it on first use."""
-    with _cache(ctx) as cache, _spinner("asking %s for its timm" % python, hidden=as_json):
-        e = cache.env_add(name, python)
+    with _cache(ctx) as cache, _spinner("asking %s for its timm" % python, hidden=as_json) as step:
+        e = cache.env_add(name, python, say=step)
+        catalogued = e.timm in cache.catalogued_here()
     if as_json:
-        _emit_json({"name": e.name, "python": e.python, "timm": e.timm, "torch": e.torch})
+        _emit_json({"name": e.name, "python": e.python, "timm": e.timm, "torch": e.torch, "catalogued_here": catalogued})
         return
     click.echo("%s: timm %s, torch %s (%s)" % (e.name, e.timm, e.torch, e.python))
+    if catalogued:
+        click.echo("timm %s is newer than cachectl's catalog: this store catalogued it from %s" % (e.timm, e.name))
 
 
 @env.command(name="list")
@@ -714,7 +717,7 @@ def env_list(ctx: click.Context, as_json: bool) -> None:
         return
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "TIMM", "TORCH", "PYTHON"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # names and paths are typed elsewhere: wrapped, never cut
     for e in envs:
         table.add_row(e.name, e.timm, e.torch, e.python or "(the one cachectl runs in)")
     _console().print(table)
@@ -741,7 +744,7 @@ def env_rm(ctx: click.Context, name: str, as_json: bool) -> None:
 def env_refresh(ctx: click.Context, name: str, as_json: bool) -> None:
     """Re-probe NAME's timm; if it changed, convert what its names need for the new one."""
     with _cache(ctx) as cache, _spinner("asking %s for its timm" % name, hidden=as_json) as step:
-        old, new = cache.env_refresh(name, progress=lambda sha: step("converting %s" % sha[:12]))
+        old, new = cache.env_refresh(name, progress=lambda sha: step("converting %s" % sha[:12]), say=step)
     if as_json:
         _emit_json({"name": name, "timm_before": old.timm, "timm": new.timm, "torch": new.torch})
         return

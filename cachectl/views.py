@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 from . import pretrained
 from .catalog import Catalog, version_key
-from .store import Converted, Store
+from .store import FORMAT, Converted, Store
 
 FORMAT = 1
 GRACE_SECONDS = 15 * 60
@@ -262,7 +262,7 @@ def apply(store: Store, view: ViewPlan, now: float | None = None) -> None:
     for path in checkpoints.iterdir():
         if path.name not in files and not path.name.startswith("."):
             path.unlink()
-    store.write_json(root / "view.json", view.to_json())
+    store.write_json(root / "view.json", {**view.to_json(), "format": FORMAT})
 
 
 def _publish_snapshot(repo: Path, s: Served, target: Path) -> None:

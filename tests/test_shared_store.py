@@ -138,6 +138,8 @@ def test_a_group_shares_the_store_and_a_read_only_member_reads_everything(two_us
             if dirpath == str(root / "locks"):
                 assert st.st_mode & 0o020, "lock file %s is not group-writable: %s" % (path, oct(st.st_mode))
 
+    assert json.loads((root / "views" / "default" / "view.json").read_text())["format"] == 1
+
     # lock files are usable by both: each takes a lock the other made
     take = "from cachectl.store import Store; s = Store(%r)\nwith s.lock(%r, timeout=5): print('locked')"
     for first, second in ((reader, writer), (writer, reader)):
