@@ -49,8 +49,10 @@ def _spinner(text: str, hidden: bool = False) -> Iterator[Callable[[str], None]]
     """A transient spinner on stderr while a step may take seconds; yields a renamer."""
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True, disable=hidden,
-                  console=Console(stderr=True, markup=False, highlight=False)) as bar:
+    console = Console(stderr=True, markup=False, highlight=False)
+    # not on a pipe or a file: there it would only leave a blank line before the answer
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
+                  disable=hidden or not console.is_terminal, console=console) as bar:
         task = bar.add_task(text)
         yield lambda what: bar.update(task, description=what)
 

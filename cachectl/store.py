@@ -261,6 +261,10 @@ class Store:
 
     # -- atomic files ------------------------------------------------------------------
 
+    def write_file(self, path: Path, data: bytes) -> None:
+        """`data` in `path`, atomically, with the store's file mode."""
+        self._write(path, data, self.modes.file)
+
     def write_json(self, path: Path, value) -> None:
         self._write(path, json.dumps(value, indent=1, sort_keys=True).encode(), self.modes.file)
 
@@ -385,7 +389,8 @@ class Store:
                 tmp.unlink()
             else:
                 self.mkdir(final.parent)
-                os.chmod(tmp, self.modes.blob)
+                # never readable by more people than the file it copies (a 0600 source stays private)
+                os.chmod(tmp, self.modes.blob & ~(~before.st_mode & 0o044))
                 os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -643,6 +643,15 @@ def test_daemons_on_one_store_and_planted_links(checkpoints, tmp_path, daemons):
         assert upload.read_bytes() == b"half", "prune touched a file in a watched folder"
         named = run("--root", root, "add", checkpoints[1], "--name", "../../x", tmp=tmp_path)
         assert named.code != 0 and problem(named) is None and not (tmp_path / "x.json").exists()
+        # a private file, reached through a link, stays private in the store
+        private = tmp_path / "private.pth"
+        private.write_bytes(checkpoints[2].read_bytes())
+        private.chmod(0o600)
+        (tmp_path / "link.pth").symlink_to(private)
+        added = run("--root", root, "add", tmp_path / "link.pth", "--json", tmp=tmp_path, timeout=300)
+        assert added.code in (0, 1) and problem(added) is None, added.err
+        blob = next(root.rglob(json.loads(added.out)["sha256"]))
+        assert blob.stat().st_mode & 0o044 == 0, oct(blob.stat().st_mode)
     finally:
         for p in procs:
             if p.poll() is None:
