@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from cachectl.catalog import Catalog, version_key
 from cachectl.catalog_build import merge, shipped
 from cachectl.cli import main
+from cachectl.layout import layout_id
 
 
 def _dump(path, release, models, deprecated):
@@ -18,10 +19,10 @@ def _dump(path, release, models, deprecated):
         f.write(json.dumps({"model": "__tables__", "timm": release, "deprecated": deprecated}) + "\n")
 
 
-def _catalog(tmp_path, index, layouts) -> Catalog:
-    for name, value in (("index-v1.json.gz", index), ("layouts-v1.json.gz", layouts)):
-        with gzip.open(tmp_path / name, "wt") as f:
-            json.dump(value, f)
+def _catalog(tmp_path, index) -> Catalog:
+    """The merged index as the catalog reads it (its layouts are checked in the list itself)."""
+    with gzip.open(tmp_path / "index-v1.json.gz", "wt", compresslevel=1) as f:
+        json.dump(index, f)
     return Catalog.load(tmp_path / "index-v1.json.gz")
 
 
@@ -43,20 +44,21 @@ def test_a_new_release_is_added_sharing_the_layouts_it_has_in_common(tmp_path):
         "newnet": {"keys": new_keys, "classifier": ["head.fc"], "default_num_classes": 10, "family": "newnet"},
         "brokennet": {"error": "RuntimeError: no"},
     }, {"oldnet": "newnet.tag"})
-    merged = _catalog(tmp_path, *merge(index, layouts, {"9.9.9": tmp_path / "9.9.9.jsonl"}))
+    new_index, new_layouts = merge(index, layouts, {"9.9.9": tmp_path / "9.9.9.jsonl"})
+    assert len(new_layouts) == len(layouts) + 1  # resnet18's layout is not stored again
+    merged = _catalog(tmp_path, new_index)
     assert merged.releases == tuple(sorted(old.releases + ("9.9.9",), key=version_key))
     models = merged.models("9.9.9")
     assert set(models) == {"resnet18", "newnet"}
     assert merged.failed("9.9.9") == {"brokennet": "RuntimeError: no"}
     assert merged.deprecated("9.9.9") == {"oldnet": "newnet.tag"}
     assert models["resnet18"].layout_index == resnet.layout_index  # stored once, shared
-    assert merged.layout(models["newnet"].layout_index).rows() == new_keys
-    assert len(merged.layout_key_sets()) == len(layouts) + 1
+    assert new_layouts[models["newnet"].layout_index] == new_keys
     assert [t.tag for t in merged.tags("9.9.9", "resnet18")] == ["a1_in1k"]
     # every release the catalog had is unchanged
     for release in old.releases:
         assert merged.models(release) == old.models(release)
-    lid = merged.layout(models["newnet"].layout_index).layout_id
+    lid = layout_id((k, s) for k, s, _ in new_keys)
     assert [(e.name, e.release) for e in merged.by_layout(lid)] == [("newnet", "9.9.9")]
 
 

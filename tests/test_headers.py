@@ -167,6 +167,7 @@ def test_quick_commands_import_neither_torch_nor_timm(files, tmp_path):
     assert (inspected["architecture"], inspected["loads_as_is"], inspected["installed_timm"]) == (MODEL, True, timm.__version__)
 
 
+@pytest.mark.reliability  # the reliability suite's corpus: 25 s, outside the fast tier with it
 def test_every_hostile_input_is_read_exactly_or_left_to_the_reader(tmp_path):
     """The reliability suite's corpus (tests/hostile.py): the header reader never raises
     anything but NotPlain, never runs code, and accepts only what is a valid checkpoint."""
