@@ -47,6 +47,9 @@ _USER_ERRNOS = {
 @contextmanager
 def _spinner(text: str, hidden: bool = False) -> Iterator[Callable[[str], None]]:
     """A transient spinner on stderr while a step may take seconds; yields a renamer."""
+    if hidden:  # --json: not even rich.progress's import, which inspect's budget cannot afford
+        yield lambda what: None
+        return
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     console = Console(stderr=True, markup=False, highlight=False)
