@@ -138,6 +138,7 @@ class Cache:
         self.store = Store(root or default_root()).init(create)
         self._targets: dict[str, Target] = {}
         self._catalog: Catalog | None = None
+        self._catalog_stamp = ""
 
     def close(self) -> None:
         for t in self._targets.values():
@@ -152,11 +153,29 @@ class Cache:
 
     @property
     def catalog(self) -> Catalog:
-        if self._catalog is None:
-            from .catalog import Catalog
+        """The shipped catalog with the releases this store catalogued itself (re-read when
+        another process catalogues one: a running daemon learns of an `env add`)."""
+        from . import local_catalog
 
-            self._catalog = Catalog.load()
+        stamp = local_catalog.stamp(self.store)
+        if self._catalog is None or stamp != self._catalog_stamp:
+            self._catalog, self._catalog_stamp = local_catalog.load(self.store), stamp
         return self._catalog
+
+    def catalogued_here(self) -> list[str]:
+        """The timm releases this store catalogued itself (newer than the shipped catalog)."""
+        from . import local_catalog
+
+        return list(local_catalog.dumps(self.store))
+
+    def _catalogue(self, env: Environment, say: Callable[[str], None] | None) -> None:
+        """Catalogue `env`'s timm into the store when the shipped catalog lacks it (minutes:
+        every model's layout, recorded in its own interpreter; resumed if interrupted)."""
+        if env.python is None or env.timm in self.catalog.releases:
+            return
+        from . import local_catalog
+
+        local_catalog.catalogue(self.store, env.python, env.timm, say or (lambda message: None))
 
     def target(self, env: Environment) -> Target:
         if env.name not in self._targets:
@@ -220,7 +239,7 @@ class Cache:
         return Environment(name=name, python=target.python, timm=info.timm, torch=info.torch, probed=time.time(),
                            hub=info.hub)
 
-    def env_add(self, name: str, python: str) -> Environment:
+    def env_add(self, name: str, python: str, say: Callable[[str], None] | None = None) -> Environment:
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise CachectlError(None, "environment name %r has characters other than letters, digits, - _ ." % name,
                                 "Choose a name like timm06 or prod-1.")
@@ -228,6 +247,7 @@ class Cache:
             raise CachectlError(None, "environment %s exists" % name, "Use cachectl env refresh %s, or env rm it first." % name)
         env = self._probe(name, python)
         self.store.put_env(env)
+        self._catalogue(env, say)
         self.refresh_views([name])
         return env
 
@@ -267,11 +287,13 @@ class Cache:
                     freed += 0 if sha == c.source else size
         return freed
 
-    def env_refresh(self, name: str, progress: Callable[[str], None] | None = None) -> tuple[Environment, Environment]:
+    def env_refresh(self, name: str, progress: Callable[[str], None] | None = None,
+                    say: Callable[[str], None] | None = None) -> tuple[Environment, Environment]:
         """Re-probe `name`; when its timm changed, convert what its names need for the new one."""
         old = self.env(name)
         new = self._probe(name, old.python)
         self.store.put_env(new)
+        self._catalogue(new, say)
         if new.timm != old.timm:
             for sha in {v.source for v in self._needed_versions(new)}:
                 if progress:

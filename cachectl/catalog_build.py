@@ -34,12 +34,18 @@ def dump(version: str, say: Callable[[str], None] = print) -> Path:
     """The finished dump of `version`'s registry, made (or resumed) first if needed."""
     out = dumps_dir() / ("%s.jsonl" % version)
     out.parent.mkdir(parents=True, exist_ok=True)
+    return record(out, sys.executable, env_for(version), version, say)
+
+
+def record(out: Path, python: str, env: dict[str, str] | None, version: str, say: Callable[[str], None]) -> Path:
+    """`out`, the finished dump of the timm that `python` imports (with `env`), made or
+    resumed: a model that crashes the interpreter is skipped on the next attempt."""
     for attempt in range(20):
         if _finished(out):
             return out
         say("timm %s: recording every model's layout (%s, attempt %d)" % (version, out, attempt + 1))
-        subprocess.run([sys.executable, "-c", BOOT, script("_catalog_dump.py"), str(out)],
-                       env=env_for(version), cwd="/", stderr=subprocess.DEVNULL)
+        subprocess.run([python, "-c", BOOT, script("_catalog_dump.py"), str(out)],
+                       env=env, cwd="/", stderr=subprocess.DEVNULL)
     raise CachectlError(out, "timm %s: the layout dump keeps crashing" % version,
                         "Read the last lines of this file for the model it stops at.")
 
