@@ -343,12 +343,8 @@ def add(ctx: click.Context, file: Path, name: str | None, model: str | None, pre
       cachectl add ~/hub/models--timm--resnet50.a1_in1k/snapshots/abc
       cachectl add model_best.pth --name cars --model swinv2_tiny_window8_256
     """
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                        transient=True, disable=as_json) as bar:
-        task = bar.add_task("reading %s" % file.name)
-        result = cache.add(file, name, progress=lambda env: bar.update(task, description="converting for %s" % env),
+    with _cache(ctx) as cache, _spinner("reading %s" % file.name, hidden=as_json) as step:
+        result = cache.add(file, name, progress=lambda env: step("converting for %s" % env),
                            model=model, prefixes=prefixes, source_timm=source_timm)
     if as_json:
         _emit_json({
@@ -668,13 +664,8 @@ def verify(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
 
     Works offline. Exits 1 and lists what is damaged, if anything is.
     """
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
-                                        disable=as_json, console=Console(stderr=True)) as bar:
-        task = bar.add_task("verifying")
-        problems = cache.verify(list(refs) or None,
-                                progress=lambda sha: bar.update(task, description="re-hashing %s" % sha[:12]))
+    with _cache(ctx) as cache, _spinner("verifying", hidden=as_json) as step:
+        problems = cache.verify(list(refs) or None, progress=lambda sha: step("re-hashing %s" % sha[:12]))
     if as_json:
         _emit_json({"ok": not problems, "problems": problems})
         if problems:
@@ -879,13 +870,9 @@ def views_list(ctx: click.Context, env: str | None, as_json: bool) -> None:
 @click.pass_context
 def views_refresh(ctx: click.Context, env: str | None, as_json: bool) -> None:
     """Rebuild the views now (the daemon and every command that changes them do it too)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn
-
-    with _cache(ctx) as cache, Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                        transient=True, disable=as_json) as bar:
-        task = bar.add_task("reading the views")
+    with _cache(ctx) as cache, _spinner("reading the views", hidden=as_json) as step:
         plans = cache.refresh_views([cache.env(env).name] if env else None,
-                                    progress=lambda what: bar.update(task, description="converting %s" % what))
+                                    progress=lambda what: step("converting %s" % what))
     _print_views([p.to_json() for p in plans], as_json)
 
 
