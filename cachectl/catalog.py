@@ -242,6 +242,20 @@ class Catalog:
         return dict(out)
 
 
+def name_candidates(catalog: Catalog, arch: str, hint: str | None = None) -> list[str]:
+    """`arch`, its newer names (the releases' deprecation tables) and the older names that
+    became it; first `hint`, a pretrained tag of `arch` the file names (from config.json)."""
+    names = [arch]
+    if hint and hint.split(".")[0] == arch and "." in hint:
+        names.insert(0, hint)
+    for release in reversed(catalog.releases):
+        table = catalog.deprecated(release)
+        if arch in table and table[arch] not in names:
+            names.append(table[arch])
+        names += [old for old, new in table.items() if new.split(".")[0] == arch and old not in names]
+    return names
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: Path) -> Catalog:
     try:

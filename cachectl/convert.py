@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import __version__, migrations, proof
-from .catalog import Catalog, Fingerprint, version_key
+from .catalog import Catalog, Fingerprint, name_candidates, version_key
 from .catalog import same_math as fingerprints_agree
 from .errors import NoPlanError, TargetError
 from .identify import Tag, find, math_agrees, part_of
@@ -112,7 +112,7 @@ def strict_check(state: Mapping[str, torch.Tensor], layout: Layout) -> Mismatch:
 def target_model(tag: Tag, ckpt: Checkpoint, target: Target, catalog: Catalog, override: str | None) -> ModelChoice:
     """The name and kwargs to build in the target for this checkpoint."""
     best = tag.best
-    names = [override] if override else _name_candidates(best.architecture, ckpt, catalog)
+    names = [override] if override else name_candidates(catalog, best.architecture, ckpt.hints.architecture)
     for candidate in names:
         resolved = target.resolve_name(candidate)
         if resolved:
@@ -147,20 +147,6 @@ def _model_choices(tag: Tag, ckpt: Checkpoint, target: Target, catalog: Catalog,
             yield choice
     if not seen and first_error:
         raise first_error
-
-
-def _name_candidates(arch: str, ckpt: Checkpoint, catalog: Catalog) -> list[str]:
-    """`arch`, its newer names (deprecation tables) and the older names that became it."""
-    names = [arch]
-    hint = ckpt.hints.architecture
-    if hint and hint.split(".")[0] == arch and "." in hint:
-        names.insert(0, hint)  # keep a pretrained tag the file names, e.g. from config.json
-    for release in reversed(catalog.releases):
-        table = catalog.deprecated(release)
-        if arch in table and table[arch] not in names:
-            names.append(table[arch])
-        names += [old for old, new in table.items() if new.split(".")[0] == arch and old not in names]
-    return names
 
 
 def _finish(state: dict[str, torch.Tensor], spec: ModelSpec, target: Target, steps: list[str]) -> tuple[dict, list[str]]:

@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .catalog import Catalog, version_key
+from .catalog import Catalog, name_candidates, version_key
 from .errors import CachectlError, NoPlanError
 from .headers import NotPlain, read_header
 from .identify import Candidate, Tag, find, part_of
@@ -186,7 +186,7 @@ def from_catalog(tag: Tag, ckpt, catalog: Catalog, release: str, override: str |
     from the catalog's layouts of `release`; None where the catalog did not build the model
     the target would (a pretrained tag other than the default, a model the dump could not build)."""
     models, renamed = catalog.models(release), catalog.deprecated(release)
-    names = [override] if override else _name_candidates(tag.best.architecture, ckpt, catalog)
+    names = [override] if override else name_candidates(catalog, tag.best.architecture, ckpt.hints.architecture)
     for candidate in names:
         if candidate in renamed:
             resolved = renamed[candidate]
@@ -226,20 +226,6 @@ def from_catalog(tag: Tag, ckpt, catalog: Catalog, release: str, override: str |
         want = Layout(tuple(rows))
     problem = mismatch(ckpt.layout, want)
     return AsIs(resolved, problem is None, problem)
-
-
-def _name_candidates(arch: str, ckpt, catalog: Catalog) -> list[str]:
-    # as convert._name_candidates: `arch`, its newer names, the older names that became it
-    names = [arch]
-    hint = ckpt.hints.architecture
-    if hint and hint.split(".")[0] == arch and "." in hint:
-        names.insert(0, hint)
-    for release in reversed(catalog.releases):
-        table = catalog.deprecated(release)
-        if arch in table and table[arch] not in names:
-            names.append(table[arch])
-        names += [old for old, new in table.items() if new.split(".")[0] == arch and old not in names]
-    return names
 
 
 def mismatch(have: Layout, want: Layout, limit: int = 6) -> str | None:
