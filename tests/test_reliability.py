@@ -33,8 +33,9 @@ TORTURE = int(os.environ.get("CACHECTL_TORTURE", "0") or 0)
 SCALE = max(1, TORTURE)
 CASE_TIMEOUT = 60.0  # seconds: any run past it is a hang, killed with its process group
 EXECUTABLE = Path(sys.executable).with_name("cachectl")
-# run through the executable in the default run too: one of each way a case can go wrong
-SAMPLE = ("fifo.pth", "payload_zip_system.pth", "st_shape_huge.safetensors", "a[/]b.pth")
+# run through the executable in the default run too (one command each): one of each way a case can go wrong
+SAMPLE = {"fifo.pth": "inspect", "payload_zip_system.pth": "add", "st_shape_huge.safetensors": "convert",
+          "a[/]b.pth": "add"}
 SMALL = "mobilenetv3_small_050"
 WAIT = 240.0
 
@@ -251,12 +252,13 @@ def test_every_hostile_input_is_one_line_through_inspect_convert_and_add(corpus,
     added = []
     assert run("--root", root, "init", tmp=tmp_path).code == 0
     for i, case in enumerate(cases):
-        real = None if case.name not in SAMPLE else True
-        runs = [run("inspect", case.path, tmp=tmp_path, real=real),
-                run("--root", root, "add", case.path, tmp=tmp_path, real=real)]
+        real = {command: True if SAMPLE.get(case.name) == command else None for command in ("inspect", "add", "convert")}
+        runs = [run("inspect", case.path, tmp=tmp_path, real=real["inspect"]),
+                run("--root", root, "add", case.path, tmp=tmp_path, real=real["add"])]
         if TORTURE or i % 3 == 0 or case.name in SAMPLE:
             # convert reads as add does (inspect reads headers alone): in the default run, a third of the cases
-            runs.append(run("convert", case.path, "-o", out / ("%d.safetensors" % i), tmp=tmp_path, real=real))
+            runs.append(run("convert", case.path, "-o", out / ("%d.safetensors" % i), tmp=tmp_path,
+                            real=real["convert"]))
         for r in runs:
             why = problem(r)
             if why is None and r.code == 0 and not case.valid:
