@@ -51,6 +51,7 @@ catalog: $(STAMP)
 WHEELHOUSE ?= wheelhouse
 RELEASES = $(shell $(PY) -c 'from tools.timm_releases import CATALOG_RELEASES as r, UNCATALOGUED as u; print(*r, u)')
 wheelhouse:
+	@test -n "$(RELEASES)" || { echo "make wheelhouse: cannot read the timm releases from tools/timm_releases.py with $(PY)" >&2; exit 1; }
 	$(PY) -m pip download -d $(WHEELHOUSE) -c constraints.txt torch torchvision pip 'setuptools>=77,<85'
 	$(PY) -m pip wheel -w $(WHEELHOUSE) -c constraints.txt '.[test]'
 	set -e; for v in $(RELEASES); do $(PY) -m pip download -q --no-deps -d $(WHEELHOUSE) timm==$$v; done

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cachectl.releases import install
-
 ROOT = Path(__file__).resolve().parent.parent
 RELEASES_DIR = Path(os.environ.get("CACHECTL_TIMM_RELEASES", ROOT / ".cache" / "timm"))
 
@@ -18,5 +16,9 @@ UNCATALOGUED = "1.0.26"
 
 def release_dir(version: str) -> Path:
     """The folder holding timm==version, installed on first use."""
+    # imported here: `make wheelhouse` reads the release lists with a bare python3, before
+    # cachectl's dependencies are installed anywhere
+    from cachectl.releases import install
+
     return install(version, RELEASES_DIR)
 
