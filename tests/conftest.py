@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,24 @@ def roundtrip(targets, tmp_path):
         return result, (got - made.logits).abs().max().item()
 
     return go
+
+
+def wait_for(condition, what: str, daemon=None, *, timeout: float):
+    """`condition()`'s first true value, polled; after `timeout` s, fail with the daemon's log."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    log = daemon.log.read_text()[-6000:] if daemon else ""
+    raise AssertionError("gave up waiting for %s after %d s\n--- daemon log ---\n%s" % (what, timeout, log))
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a running process (not a zombie)?"""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -3,6 +3,7 @@
 Every wait is for a condition, with a generous timeout; nothing asserts how long anything took.
 """
 import hashlib
+import functools
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ from safetensors.torch import save_file
 
 from cachectl.cache import Cache
 from cachectl.cli import main as cachectl
+import conftest
+from conftest import alive
 
 SMALL = "mobilenetv3_small_050"
 HUB_REPO = "models--timm--%s.lamb_in1k" % SMALL
@@ -114,23 +117,7 @@ def sha256(path: Path) -> str:
 # -- the daemon --------------------------------------------------------------------------
 
 
-def wait_for(condition, what: str, daemon=None, timeout: float = WAIT):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    log = daemon.log.read_text()[-6000:] if daemon else ""
-    raise AssertionError("gave up waiting for %s after %d s\n--- daemon log ---\n%s" % (what, timeout, log))
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+wait_for = functools.partial(conftest.wait_for, timeout=WAIT)
 
 
 class Daemon:

@@ -14,6 +14,7 @@ a sample runs through the executable, so the two are proven to agree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import conftest
+from conftest import alive
 
 pytestmark = pytest.mark.reliability
 
@@ -341,15 +345,7 @@ class Daemon:
                 self.proc.wait()
 
 
-def wait_for(condition, what: str, daemon: Daemon | None = None, timeout: float = WAIT):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    log = daemon.log.read_text()[-6000:] if daemon else ""
-    raise AssertionError("gave up waiting for %s after %d s\n--- daemon log ---\n%s" % (what, timeout, log))
+wait_for = functools.partial(conftest.wait_for, timeout=WAIT)
 
 
 @pytest.fixture
@@ -363,14 +359,6 @@ def daemons():
     yield start
     for d in started:
         d.stop()
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def descendants(pid: int) -> set[int]:
