@@ -36,9 +36,16 @@ def dumps(store: Store) -> dict[str, Path]:
     """{release: finished dump} of the releases this store catalogued itself."""
     found = {}
     for path in sorted((folder(store) / "dumps").glob("*.jsonl")):
-        if catalog_build._finished(path):
+        st = path.stat()
+        if _finished(path, st.st_size, st.st_mtime_ns):
             found[path.stem] = path
     return found
+
+
+@functools.lru_cache(maxsize=64)
+def _finished(path: Path, size: int, mtime_ns: int) -> bool:
+    # asked on every read of the cache's catalog: read a dump through once per change, not each time
+    return catalog_build._finished(path)
 
 
 def stamp(store: Store) -> str:
