@@ -6,7 +6,6 @@ before the blobs they point to, so an interrupted prune leaves a store that stil
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import defaultdict
@@ -18,13 +17,13 @@ from typing import Mapping
 from .errors import CachectlError
 from .scan import Snapshot, scan
 from .store import Store, Version
+from .tempnames import writer_alive
 
 # A blob no manifest names may be one whose manifest is about to be written.
 ORPHAN_GRACE = 3600
 # Sources whose locks are held together while the names are read again: one read of the
 # names per batch, not per source, and a bounded number of open lock files.
 LOCK_BATCH = 256
-_PID = re.compile(r"\.pid(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class PrunePlan:
                 for sha in batch:
                     if sha not in named:
                         _unlink(by_source[sha])
-        _unlink(self.leftovers)
+        _unlink(p for p in self.leftovers if not writer_alive(p))  # a writer on another host may have resumed
         return self.freed
 
 
@@ -200,7 +199,8 @@ def plan(store: Store, policy: Policy, now: float | None = None, snapshot: Snaps
     manifests, blobs, owners = _files_of(store, gone_sources, envs_of, converted_of)
     named = set(sources) | {c.sha256 for c in converted.values()} | {c.torch_sha256 for c in converted.values()}
     orphans = _orphan_blobs(store, snap, named | {n.split(".")[0] for n in in_views}, now)
-    leftovers = [Path(p) for p in snap.leftovers if not _writer_alive(Path(p))]
+    # a leftover is a temporary whose writer is gone: on another host, one it stopped writing an hour ago
+    leftovers = [Path(p) for p in snap.leftovers if not writer_alive(Path(p), now)]
     freed += sum(p.stat().st_size for p in orphans + leftovers)
     return PrunePlan(tuple(sorted(chosen, key=lambda v: (v.name, v.version))), tuple(manifests),
                      tuple(blobs + orphans), tuple(leftovers), tuple(sorted(kept)), freed, owners, short_of)
@@ -264,16 +264,3 @@ def _orphan_blobs(store: Store, snap: Snapshot, named: set[str], now: float) -> 
             pass  # removed since the scan
     return out
 
-
-def _writer_alive(path: Path) -> bool:
-    """Temporaries carry their writer's pid; a live writer's file is not a leftover."""
-    m = _PID.search(path.name)
-    if not m:
-        return False
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 import torch
 
 from .reader import ST_NAMES
+from .tempnames import temp_path
 
 CHUNK = 64 * 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024
@@ -92,7 +93,7 @@ def write(
             header[key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[key])}
         head = _framed(header)
         path = Path(path)
-        tmp = path.with_name(".%s.pid%d.tmp" % (path.name, os.getpid()))
+        tmp = temp_path(path)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             hashing = pool.submit(_sha256, head, runs, tensors, src_fd) if digest else None
             try:

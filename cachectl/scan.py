@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from .store import (FORMAT, TMP_SUFFIX, Converted, Environment, Link, Publication, Source, Store, Version, _converted,
+from .store import (FORMAT, Converted, Environment, Link, Publication, Source, Store, Version, _converted,
                     _fields, _pins, _source)
+from .tempnames import SUFFIX as TMP_SUFFIX
 
 
 _CHUNK = 1 << 16  # a manifest is a few KB: one read; a big view.json takes a few

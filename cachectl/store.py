@@ -12,7 +12,8 @@
 
 Every write goes to a hidden temporary in the destination folder, is fsynced and
 renamed into place, so readers never see half a file and a killed writer leaves only
-a `.tmp` that `cachectl prune` removes. The format version is in the folder name and in
+a `.tmp` that `cachectl prune` removes once its writer is gone (tempnames.py: the
+name says which host and process writes it). The format version is in the folder name and in
 every JSON file (`"format": 1`): a future layout gets a new folder and this one stays
 readable; a file of a newer format is reported, never misread.
 
@@ -30,7 +31,6 @@ import json
 import os
 import shutil
 import stat
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,12 +41,12 @@ import filelock
 from . import locks
 from .errors import CachectlError, NoSpaceError
 from .regular import open_regular
+from .tempnames import temp_name, temp_path
 
 FORMAT = 1
 TAG_NAME = "CACHEDIR.TAG"
 # https://bford.info/cachedir/: the signature line is what backup tools look for
 TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# A cachectl store: converted timm checkpoints, remade on demand.\n"
-TMP_SUFFIX = ".tmp"
 CONVERTED_SUFFIX = ".safetensors"
 TORCH_SUFFIX = ".pth"  # timm before 0.9 reads pretrained weights with torch.load only
 CHUNK = 8 * 1024 * 1024
@@ -271,7 +271,7 @@ class Store:
     def _write(self, path: Path, data: bytes, mode: int) -> None:
         self.mkdir(path.parent)
         # a name no one can guess, created, never opened through a link someone planted
-        tmp = path.with_name(".%s.pid%d.%s%s" % (path.name, os.getpid(), os.urandom(6).hex(), TMP_SUFFIX))
+        tmp = temp_path(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             with open(os.open(tmp, flags, 0o600), "wb") as f:
@@ -360,7 +360,7 @@ class Store:
     def ingest_file(self, path: Path) -> tuple[str, int]:
         """Copy `path` into the blobs, hashing as it goes; (sha256, size). Same bytes: no copy."""
         self.mkdir(self.blobs)
-        tmp = self.blobs / (".ingest.pid%d.%d%s" % (os.getpid(), time.monotonic_ns(), TMP_SUFFIX))
+        tmp = self.blobs / temp_name("ingest")
         h = hashlib.sha256()
         size = 0
         zero = bytes(CHUNK)
@@ -431,7 +431,7 @@ class Store:
 
     def new_tmp(self, suffix: str = "") -> Path:
         self.mkdir(self.blobs)
-        return self.blobs / (".new.pid%d.%d%s%s" % (os.getpid(), time.monotonic_ns(), suffix, TMP_SUFFIX))
+        return self.blobs / temp_name("new" + suffix)
 
     # -- manifests -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 from . import pretrained
 from .catalog import Catalog, version_key
 from .store import FORMAT, Converted, Store
+from .tempnames import temp_path, writer_alive
 
 FORMAT = 1
 GRACE_SECONDS = 15 * 60
@@ -242,7 +243,7 @@ def apply(store: Store, view: ViewPlan, now: float | None = None) -> None:
     root = view_dir(store, view.env)
     hub, checkpoints = root / "hub", root / "torch" / "hub" / "checkpoints"
     for d in (hub, checkpoints):
-        d.mkdir(parents=True, exist_ok=True)
+        store.mkdir(d)  # with the store's modes: a group-shared store's members read the view
     repos: set[str] = set()
     files: set[str] = set()
     for s in view.served:
@@ -250,7 +251,7 @@ def apply(store: Store, view: ViewPlan, now: float | None = None) -> None:
         if s.hub_repo:
             repo = hub / ("models--" + s.hub_repo.replace("/", "--"))
             repos.add(repo.name)
-            _publish_snapshot(repo, s, target)
+            _publish_snapshot(store, repo, s, target)
         if s.checkpoint:
             files.add(s.checkpoint)
             _replace_symlink(checkpoints / s.checkpoint, target)
@@ -265,30 +266,24 @@ def apply(store: Store, view: ViewPlan, now: float | None = None) -> None:
     store.write_json(root / "view.json", {**view.to_json(), "format": FORMAT})
 
 
-def _publish_snapshot(repo: Path, s: Served, target: Path) -> None:
+def _publish_snapshot(store: Store, repo: Path, s: Served, target: Path) -> None:
     config = json.dumps(s.config, indent=2, sort_keys=True)
     rev = hashlib.sha1(("%s\n%s\n%s" % (s.blob, s.hub_file, config)).encode()).hexdigest()
     snapshots = repo / "snapshots"
     snapshot = snapshots / rev
     if not snapshot.is_dir():
-        snapshots.mkdir(parents=True, exist_ok=True)
-        tmp = snapshots / (".%s.pid%d.tmp" % (rev, os.getpid()))
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = temp_path(snapshot)
+        store.mkdir(tmp)
         os.symlink(os.path.relpath(target, snapshot), tmp / s.hub_file)
-        _write_text(tmp / "config.json", config)
+        store.write_file(tmp / "config.json", config.encode())
         try:
             os.rename(tmp, snapshot)
         except OSError:  # another writer published the same revision first
             shutil.rmtree(tmp, ignore_errors=True)
-    refs = repo / "refs"
-    refs.mkdir(exist_ok=True)
-    main = refs / "main"
+    main = repo / "refs" / "main"
     previous = main.read_text().strip() if main.is_file() else None
     if previous != rev:
-        tmp = refs / (".main.pid%d.tmp" % os.getpid())
-        _write_text(tmp, rev)
-        os.replace(tmp, main)
+        store.write_file(main, rev.encode())
         if previous and (snapshots / previous).is_dir():
             # its grace period starts now: its mtime says when it stopped being current
             os.utime(snapshots / previous)
@@ -301,7 +296,8 @@ def _drop_stale_snapshots(repo: Path, now: float) -> None:
     except FileNotFoundError:
         return
     for snapshot in (repo / "snapshots").iterdir():
-        if snapshot.name != current and snapshot.lstat().st_mtime < now - GRACE_SECONDS:
+        # a temporary of a snapshot being written (here or on another host) is not stale
+        if snapshot.name != current and snapshot.lstat().st_mtime < now - GRACE_SECONDS and not writer_alive(snapshot):
             _remove_dir(snapshot)
 
 
@@ -309,22 +305,14 @@ def _replace_symlink(path: Path, target: Path) -> None:
     link = os.path.relpath(target, path.parent)
     if path.is_symlink() and os.readlink(path) == link:
         return
-    tmp = path.with_name(".%s.pid%d.tmp" % (path.name, os.getpid()))
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(path)
     os.symlink(link, tmp)
     os.replace(tmp, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _remove_dir(path: Path) -> None:
     # renamed away first: a reader sees the folder whole or not at all
-    hidden = path.with_name(".%s.pid%d.gone" % (path.name, os.getpid()))
+    hidden = temp_path(path)
     try:
         os.rename(path, hidden)
     except FileNotFoundError:

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import cachectl
+from cachectl import tempnames
 from cachectl.cli import main
 from conftest import INSTALLED, make_checkpoint, python_for, run_in
 
@@ -250,6 +251,46 @@ def test_writer_killed_mid_write_leaves_a_store_that_reads_and_heals(root, tmp_p
     # the next reader converts what is missing, once
     assert Path(cli("path", "net").output.strip()).exists()
     assert rows()["net@1"]["state"] == "ready"
+
+
+def test_prune_removes_a_leftover_only_once_its_writer_is_gone_on_this_host_or_another(root):
+    cli("init")
+    store = root / "store-v1"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = tempnames.this_host()
+    stale = time.time() - tempnames.LEASE_SECONDS - 60
+    try:
+        # (folder, name, seconds since its last write, kept): a store shared over NFS, where
+        # another host's pid says nothing here and only its file's mtime tells a live write
+        cases = [
+            (store / "blobs" / "sha256", ".new.safetensors@node7.cluster.pid%d.00aa11bb22cc.tmp" % dead.pid, None, True),
+            (store / "blobs" / "sha256", ".ingest@node7.cluster.pid%d.33dd44ee55ff.tmp" % live.pid, stale, False),
+            (store / "names", ".net.json@%s.pid%d.0123456789ab.tmp" % (here, live.pid), stale, True),
+            (store / "names", ".net.json@%s.pid%d.ba9876543210.tmp" % (here, dead.pid), None, False),
+            # names written before hosts were named: this host's, judged by their pid
+            (store / "blobs" / "sha256" / "ab", ".new.pid%d.1.safetensors.tmp" % live.pid, None, True),
+            (store / "sources", ".%s.json.pid%d.0123456789ab.tmp" % ("a" * 64, dead.pid), None, False),
+            (root, ".publications.json.pid%d.tmp" % dead.pid, None, False),
+        ]
+        for folder, name, mtime, _ in cases:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(b"half")
+            if mtime:
+                os.utime(folder / name, (mtime, mtime))
+        made = tempnames.parse(tempnames.temp_name("net.json"))
+        assert made == tempnames.TempName("net.json", here, os.getpid()) and made.local
+
+        planned = set(json.loads(cli("prune", "--keep-last", "5", "--dry-run", "--json").output)["leftovers"])
+        assert planned == {str(folder / name) for folder, name, _, kept in cases if not kept}
+        cli("prune", "--keep-last", "5", "--yes")
+        for folder, name, _, kept in cases:
+            assert (folder / name).exists() == kept, name
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_rm_prune_short_of_size_json_answers_and_one_line_errors(root, tmp_path):

@@ -20,10 +20,11 @@ from typing import Callable
 
 from cachectl.errors import CachectlError
 from cachectl.store import Store
+from cachectl.tempnames import process_ticks
 
 from .config import Config, ConfigError
 from .notify import Notifier
-from .status import WRITE_EVERY, History, Result, Status, process_ticks, read_status, status_path, write_status
+from .status import WRITE_EVERY, History, Result, Status, read_status, status_path, write_status
 from .tracker import Job, Tracker
 from .watcher import Watcher
 from .workers import Pool

@@ -5,7 +5,6 @@ reader can tell a live daemon (fresh file, pid alive on its host) from a dead on
 """
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections import deque
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from cachectl.errors import CachectlError
 from cachectl.store import Store
+from cachectl.tempnames import pid_alive
 
 from .config import Watch
 
@@ -83,7 +83,7 @@ class Status:
             return False
         if self.host != socket.gethostname():
             return True
-        return _alive(self.pid) and (self.ticks is None or process_ticks(self.pid) == self.ticks)
+        return pid_alive(self.pid, self.ticks)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -143,21 +143,3 @@ def read_status(root: Path) -> Status | None:
 def write_status(store: Store, status: Status) -> None:
     store.write_json(status_path(store.root), status.to_json())
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, run by another user
-        return True
-    return True
-
-
-def process_ticks(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (Linux); None where unknown."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
