@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from cachectl import locks
+from cachectl.cli import main
 from cachectl.store import Store
 from conftest import INSTALLED, make_checkpoint
 
@@ -127,8 +129,7 @@ def test_a_group_shares_the_store_and_a_read_only_member_reads_everything(two_us
         for d in dirnames:
             st = os.lstat(os.path.join(dirpath, d))
             assert st.st_gid == gid and st.st_mode & stat.S_ISGID, os.path.join(dirpath, d)
-            if "views" not in dirpath and d != "views":  # the view's folders follow the umask (README)
-                assert st.st_mode & 0o070 == 0o070, (os.path.join(dirpath, d), oct(st.st_mode))
+            assert st.st_mode & 0o070 == 0o070, (os.path.join(dirpath, d), oct(st.st_mode))
         for f in filenames:
             path = os.path.join(dirpath, f)
             st = os.lstat(path)
@@ -187,6 +188,36 @@ def test_a_group_shares_the_store_and_a_read_only_member_reads_everything(two_us
     assert len(lines) == 1, result.stderr
     assert "other@1 is not converted for environment later yet" in lines[0]
     assert "user %s" % reader in lines[0] and "Ask user %s to run: cachectl path other@1 --env later" % writer in lines[0]
+
+
+def test_a_view_written_under_a_private_umask_is_read_by_another_member(two_users):
+    base, group, _, reader = two_users
+    made = make_checkpoint(INSTALLED, SMALL)
+    root = base / "store"
+    gid = grp.getgrnam(group).gr_gid
+    runner = CliRunner()
+    before = os.umask(0o077)  # the writer keeps its own files private; the store's modes decide
+    try:
+        for args in (["init", "--group", group], ["add", made.path, "--name", "net"],
+                     ["publish", "net", "--as", "%s.lamb_in1k" % SMALL]):
+            result = runner.invoke(main, ["--root", str(root), *map(str, args)], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+    finally:
+        os.umask(before)
+    view = root / "views" / "default"
+    files = []
+    for dirpath, dirnames, filenames in os.walk(view):
+        for d in dirnames:
+            st = os.lstat(os.path.join(dirpath, d))
+            assert st.st_gid == gid and st.st_mode & stat.S_ISGID and st.st_mode & 0o070 == 0o070, (d, oct(st.st_mode))
+        files += [os.path.join(dirpath, f) for f in filenames]
+    weights = [f for f in files if os.path.islink(f)]
+    assert weights and any(f.endswith("config.json") for f in files) and (view / "view.json").is_file()
+    # the other member reads every file of the view, the weights through their links
+    read = "import sys\nfor f in sys.argv[1:]:\n    open(f, 'rb').read(1)\nprint(len(sys.argv) - 1)"
+    result = subprocess.run(["runuser", "-u", reader, "--", PY, "-c", read, *files], capture_output=True, text=True,
+                            cwd=base)
+    assert result.returncode == 0 and result.stdout.strip() == str(len(files)), result.stderr
 
 
 # -- locks chosen by the mount -------------------------------------------------------------
