@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import torch
 
 from . import __version__, migrations, proof
+from ._fingerprint import DERIVED_BUFFERS
 from .catalog import Catalog, Fingerprint, name_candidates, version_key
 from .catalog import same_math as fingerprints_agree
 from .errors import NoPlanError, TargetError
@@ -227,14 +228,16 @@ def _math_by_fingerprints(ckpt: Checkpoint, tag: Tag, spec: ModelSpec, target_ti
     extra = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
     arch = tag.best.architecture
     taken: dict[str, Fingerprint] = {}
-    unverified: list[str] = []
+    missing: dict[str, list[str]] = {}  # why a release has no fingerprint ("timm {}"): the releases
     for release in tag.best.timm_versions:
         name = _name_in_release(catalog, release, arch) or arch
         fp = catalog.fingerprint(release, name)
         if fp is None:
-            unverified.append(catalog.why_no_fingerprint(release, name))
+            why = catalog.why_no_fingerprint(release, name).replace("timm %s" % release, "timm {}")
+            missing.setdefault(why, []).append(release)
         else:
             taken[release] = fp
+    unverified = [why.format(", ".join(releases)) for why, releases in missing.items()]
     # fingerprints are of models built by default: with other kwargs only a run compares
     target_fp = None if extra else catalog.fingerprint(target_timm, target_name)
     how = "fingerprints"
@@ -514,8 +517,29 @@ def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Tar
         key = _json(["proof", release, name, attempt.name, spec.name, spec.kwargs])
         return target.remember(key, lambda: run(release, name, fp))
     math = _math_by_fingerprints(ckpt, tag, spec, target.info().timm, catalog, run_once)
+    odd = _tables_unlike_target(attempt.state, spec, target)
+    if odd and not math.startswith("math: unverified"):
+        math += "; %sthe file's %s differ from the tables timm %s derives for %s, which the fingerprints and proofs use" % (
+            "" if "; unverified: " in math else "unverified: ", _few(odd), target.info().timm, spec.name)
     attempt = _Attempt(attempt.name, attempt.steps + (math,), attempt.state, attempt.mismatch)
     return choice, spec, attempt
+
+
+def _tables_unlike_target(state: Mapping[str, torch.Tensor], spec: ModelSpec, target: Target) -> list[str]:
+    """The derived tables (index tables, masks) the file hands the target whose values are
+    not the ones a fresh target model derives. Fingerprints and proofs run each release on
+    its own tables, so they say nothing about a file that carries other ones; across the
+    catalogued releases no model's tables changed, which is what makes this check rare."""
+    keys = sorted(k for k, v in state.items() if k in spec.buffers and not k.endswith("num_batches_tracked")
+                  and (k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or not v.is_floating_point()))
+    if not keys:
+        return []
+    own = target.buffer_values(spec, keys)
+    return [k for k in keys if k in own and not (own[k].shape == state[k].shape and torch.equal(own[k], state[k].to(own[k].dtype)))]
+
+
+def _few(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (" and %d more" % (len(keys) - limit) if len(keys) > limit else "")
 
 
 def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None, *,

@@ -254,3 +254,22 @@ def test_a_math_change_no_table_names_is_caught(targets, tmp_path, catalog):
         return
     got = run_in("0.9.16", {"name": result.model.name, "kwargs": dict(result.model.kwargs)}, result.output, tmp_path)
     assert (got - made.logits).abs().max().item() <= ATOL
+
+
+def test_a_file_carrying_other_derived_tables_than_the_target_says_its_math_is_unverified(targets, tmp_path):
+    # fingerprints and proofs run every release on the index tables it derives itself; a
+    # file handing the target other tables (here a tampered attention_bias_idxs, which
+    # timm saves for efficientformer) is not covered by them, and the conversion says so
+    from safetensors.torch import save_file
+
+    state = timm.create_model("efficientformer_l1").state_dict()
+    key = next(k for k in state if k.endswith("attention_bias_idxs"))
+    save_file(state, tmp_path / "own.safetensors")
+    own = convert(tmp_path / "own.safetensors", tmp_path / "own-out.safetensors", targets(INSTALLED))
+    math = next(s for s in own.steps if s.startswith("math:"))
+    assert "computes like efficientformer_l1" in math and "derives" not in math, own.steps
+    state[key] = state[key].flip(-1).contiguous()
+    save_file(state, tmp_path / "tampered.safetensors")
+    tampered = convert(tmp_path / "tampered.safetensors", tmp_path / "tampered-out.safetensors", targets(INSTALLED))
+    math = next(s for s in tampered.steps if s.startswith("math:"))
+    assert "unverified: " in math and "the file's %s differ from the tables timm %s derives" % (key, timm.__version__) in math, tampered.steps
