@@ -138,8 +138,9 @@ def _cache(ctx: click.Context):
     from .cache import Cache
 
     top = ctx.find_root()
-    # a --root typed on the command line must exist: a typo is not a new store (cachectl init makes one)
-    return Cache(top.obj, create=top.get_parameter_source("root") != click.core.ParameterSource.COMMANDLINE)
+    # a root named by --root or CACHECTL_ROOT must exist: a typo is not a new store (cachectl
+    # init or the daemon makes one); the default folder is made, as on a fresh machine
+    return Cache(top.obj, create=top.get_parameter_source("root") == click.core.ParameterSource.DEFAULT)
 
 
 @main.command()
@@ -151,7 +152,8 @@ def init(ctx: click.Context, group: str | None, as_json: bool) -> None:
     """Make a store at --root (default: $CACHECTL_ROOT, else the user data folder).
 
     An existing store is left as it is (with --group, shared from now on). A folder that
-    holds other files is refused. Other commands refuse a --root that does not exist.
+    holds other files is refused. Other commands refuse a --root or $CACHECTL_ROOT that
+    does not exist.
 
     \b
     Examples:

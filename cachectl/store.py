@@ -194,8 +194,9 @@ class Store:
         `group`: share the store with that group (its root setgid, group-writable)."""
         if not self.root.exists():
             if not create:
-                raise CachectlError(self.root, "does not exist",
-                                    "Check --root; to make a new store there: cachectl --root %s init." % self.root)
+                raise CachectlError(self.root, "does not exist", "Check --root and CACHECTL_ROOT; to make a new store "
+                                    "there: cachectl --root %s init, or start the daemon on it: cachectld --root %s."
+                                    % (self.root, self.root))
         elif not self.root.is_dir() or (not self.is_store() and any(self.root.iterdir())):
             raise CachectlError(self.root, "is not a cachectl store (it holds other files)",
                                 "Check --root and CACHECTL_ROOT; a new store needs an empty or absent folder.")

@@ -87,6 +87,7 @@ def test_anonymous_swinv2_window8_is_ambiguous_then_converts_equal_with_model(tm
 
 
 def test_add_refuses_to_guess_and_records_model_when_told(tmp_path, monkeypatch):
+    (tmp_path / "root").mkdir()
     monkeypatch.setenv("CACHECTL_ROOT", str(tmp_path / "root"))
     made = make_checkpoint("0.9.16", "swinv2_tiny_window8_256")
     path = anonymous(made, tmp_path)

@@ -173,6 +173,7 @@ def test_names_stay_inside_the_store_and_markup_in_paths_is_printed_as_is(tmp_pa
 
     from cachectl.cli import main
 
+    (tmp_path / "root").mkdir()
     monkeypatch.setenv("CACHECTL_ROOT", str(tmp_path / "root"))
     weird = tmp_path / "a[" / "]b [bold]"  # the path holds "[/]", which rich would read as markup
     weird.mkdir(parents=True)

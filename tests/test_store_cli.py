@@ -23,6 +23,7 @@ SMALL = "mobilenetv3_small_050"
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     root = tmp_path / "root"
+    root.mkdir()  # CACHECTL_ROOT must name a folder: an empty one becomes the store
     monkeypatch.setenv("CACHECTL_ROOT", str(root))
     return root
 

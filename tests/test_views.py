@@ -69,6 +69,7 @@ def cli(*args, ok=True):
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     root = tmp_path / "root"
+    root.mkdir()  # CACHECTL_ROOT must name a folder: an empty one becomes the store
     monkeypatch.setenv("CACHECTL_ROOT", str(root))
     return root
 
