@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cachectl import locks
+from cachectl import locks, tempnames, views
 from cachectl.cli import main
 from cachectl.store import Store
 from conftest import INSTALLED, make_checkpoint
@@ -218,6 +219,28 @@ def test_a_view_written_under_a_private_umask_is_read_by_another_member(two_user
     result = subprocess.run(["runuser", "-u", reader, "--", PY, "-c", read, *files], capture_output=True, text=True,
                             cwd=base)
     assert result.returncode == 0 and result.stdout.strip() == str(len(files)), result.stderr
+
+
+def test_a_views_update_keeps_a_snapshot_being_written_here_or_on_another_host(tmp_path):
+    store = Store(tmp_path / "store").init()
+    repo = store.root / "views" / "default" / "hub" / "models--timm--net"
+    store.write_file(repo / "refs" / "main", b"current")
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    here = tempnames.this_host()
+    # (snapshot, kept) all last written half an hour ago: past a snapshot's grace for
+    # readers, within another host's lease
+    cases = [("current", True), ("replaced", False),
+             (".replaced@node7.cluster.pid%d.00aa11bb22cc.tmp" % dead.pid, True),
+             (".replaced@%s.pid%d.0123456789ab.tmp" % (here, os.getpid()), True),
+             (".replaced@%s.pid%d.ba9876543210.tmp" % (here, dead.pid), False),
+             (".replaced.pid%d.tmp" % dead.pid, False)]
+    then = time.time() - 1800
+    for name, _ in cases:
+        (repo / "snapshots" / name).mkdir(parents=True)
+        os.utime(repo / "snapshots" / name, (then, then))
+    views._drop_stale_snapshots(repo, time.time())
+    assert sorted(p.name for p in (repo / "snapshots").iterdir()) == sorted(name for name, kept in cases if kept)
 
 
 # -- locks chosen by the mount -------------------------------------------------------------
