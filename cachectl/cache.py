@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .catalog import Catalog
     from .scan import Snapshot
     from .views import Entry, Skipped, ViewPlan
+    from .headers import Header
     from .reader import Checkpoint
     from .target import Target
 
@@ -326,27 +327,49 @@ class Cache:
         its timm models sit in a larger state dict; both are recorded with the source and
         used by every later conversion of it. Saying them again for stored bytes replaces
         what was said before and converts anew."""
+        from .headers import NotPlain, read_header
         from .reader import read
 
         path = Path(path)
         name = name or name_from_path(path)
         _check_name(name)
-        ckpt = read(path)  # unreadable files are refused before anything is stored
+        # unreadable files are refused before anything is stored. A file's headers say it
+        # without torch (tensor records only, no bytes): torch's unpickler, the costliest
+        # part of a small file, then reads the stored copy once, and only when needed.
+        # What the headers cannot say (and a snapshot folder's config.json) the reader judges.
+        try:
+            head: Header | Checkpoint = read(path) if path.is_dir() else read_header(path)
+        except NotPlain:
+            head = read(path)
         # a full disk is the store's problem, said as such; every write below leaves nothing half-done
-        with self.store.room(ckpt.size):
-            sha, size = self.store.ingest_file(ckpt.weights)
-            # prune takes this lock to delete a source: held from here until a version names it
-            with self.store.lock("source:" + sha):
-                if not self.store.blob_path(sha).exists():  # a prune took the bytes since: again
-                    self.store.ingest_file(ckpt.weights)
+        with self.store.room(head.size):
+            sha, size = self.store.ingest_file(head.weights)
+            blob = self.store.blob_path(sha)
+            loaded: list[Checkpoint] = []
+
+            def stored() -> Checkpoint:
                 # identified and converted from the bytes the store recorded, never from the
                 # watched file, which its writer may change meanwhile; what the file said of
                 # itself (config.json, the hub repo) stays
-                ckpt = dataclasses.replace(read(self.store.blob_path(sha)), path=ckpt.path, hints=ckpt.hints)
+                if not loaded:
+                    loaded.append(dataclasses.replace(read(blob), path=head.path, hints=head.hints))
+                return loaded[0]
+
+            # prune takes this lock to delete a source: held from here until a version names it
+            with self.store.lock("source:" + sha):
+                if not blob.exists():  # a prune took the bytes since: again
+                    self.store.ingest_file(head.weights)
                 source = self.store.get_source(sha)
                 said = (model, tuple(prefixes), source_timm)
                 changed = source is not None and any(said) and said != (source.model, source.prefixes, source.source_timm)
                 if source is None or changed:
+                    try:
+                        ckpt = stored()
+                    except CachectlError:
+                        if source is None:  # refused (what its headers did not show): none of it is kept
+                            blob.unlink(missing_ok=True)
+                            read(path)  # the refusal said of the user's file, not of the store's copy
+                        raise
                     source = self._identify(ckpt, sha, size, model=model, prefixes=tuple(prefixes), source_timm=source_timm)
                     self.store.put_source(source)
                 version, is_new = self._new_version(name, sha, str(path.absolute()))
@@ -354,7 +377,7 @@ class Cache:
             for env in self.environments():
                 if progress:
                     progress(env.name)
-                links.append(self.convert_for(sha, env, ckpt, again=bool(changed)))
+                links.append(self.convert_for(sha, env, stored, again=bool(changed)))
             if is_new and self._touches_views(version):
                 self.refresh_views()
             return AddResult(version, source, is_new, tuple(links))
@@ -382,10 +405,11 @@ class Cache:
             self.store.put_versions(name, versions + [v])
             return v, True
 
-    def convert_for(self, sha: str, env: Environment, ckpt: Checkpoint | None = None, again: bool = False,
-                    what: str | None = None) -> Link:
+    def convert_for(self, sha: str, env: Environment, stored: Callable[[], Checkpoint] | None = None,
+                    again: bool = False, what: str | None = None) -> Link:
         """The link from `env` to its converted copy of source `sha`, converting at most once
-        (`again`: once more, after the user said anew what the source is). `what`: the
+        (`again`: once more, after the user said anew what the source is). `stored`: how the
+        caller reads the stored source, called only if a conversion needs it. `what`: the
         version asked for, named if this user cannot convert it."""
         link = self.store.get_link(env.name, sha)
         if not again and link and link.timm == env.timm and (link.error or self._converted_ok(link.converted)):
@@ -405,7 +429,7 @@ class Cache:
             if source.error:
                 link = Link(env.name, sha, env.timm, None, source.error, time.time())
             else:
-                link = self._convert(source, env, ckpt)
+                link = self._convert(source, env, stored)
             self.store.put_link(link)
             return link
 
@@ -413,12 +437,14 @@ class Cache:
         c = self.store.get_converted(cid) if cid else None
         return c is not None and self.store.converted_path(c).exists()
 
-    def _convert(self, source: Source, env: Environment, ckpt: Checkpoint | None) -> Link:
+    def _convert(self, source: Source, env: Environment, stored: Callable[[], Checkpoint] | None) -> Link:
         from .convert import prepare, write_prepared
         from .reader import read
 
         try:
-            if ckpt is None:
+            if stored is not None:
+                ckpt = stored()
+            else:
                 ckpt = dataclasses.replace(read(self.store.blob_path(source.sha256)), path=Path(source.origin))
             try:
                 prepared = prepare(ckpt, self.target(env), catalog=self.catalog, model=source.model,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cachectl.cache import Cache
 from cachectl.convert import convert
+from cachectl.errors import CachectlError
 from cachectl.store import sha256_file
 from cachectl.target import Target
 
@@ -99,3 +100,46 @@ def test_the_store_names_a_converted_file_by_the_sha256_of_its_bytes(tmp_path):
         loaded = _loads_strictly(path, {"name": converted.model, "kwargs": converted.model_kwargs})
         assert all(torch.equal(loaded[k], v) for k, v in state.items())
         assert cache.verify() == []
+
+
+def test_add_reads_a_new_pth_with_torch_once_and_the_same_bytes_again_not_at_all(tmp_path, monkeypatch):
+    # the daemon's backlog: torch's unpickler is most of a small file's time, so the
+    # watched file's headers are read without it and the stored copy once with it
+    src = tmp_path / "net.pth"
+    torch.save(_state("mobilenetv3_small_050"), src)
+    real_load, calls = torch.load, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    with Cache(tmp_path / "root") as cache:
+        added = cache.add(src)
+        assert [lk.error for lk in added.links] == [None]
+        assert len(calls) == 1
+        assert str(calls[0]).startswith("/proc/self/fd/") or cache.store.blobs in calls[0].parents  # the stored copy
+        again = cache.add(src)
+        assert not again.new_version and len(calls) == 1  # linked already: no tensor is read
+        assert cache.verify() == []
+
+
+def test_add_refuses_what_only_torch_finds_wrong_and_keeps_nothing_of_it(tmp_path):
+    # its headers add up (records of the right sizes), but they are compressed, which
+    # torch cannot map: refused after the store took the bytes, and the bytes go again
+    import zipfile
+
+    clean, src = tmp_path / "clean.pth", tmp_path / "deflated.pth"
+    torch.save({"w": torch.arange(1000, dtype=torch.float32)}, clean)
+    with zipfile.ZipFile(clean) as z, zipfile.ZipFile(src, "w") as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info), zipfile.ZIP_DEFLATED)
+    before = src.read_bytes()
+
+    with Cache(tmp_path / "root") as cache:
+        with pytest.raises(CachectlError) as refused:
+            cache.add(src)
+        assert "deflated.pth" in str(refused.value) and "damaged" in str(refused.value)
+        assert [p for p in cache.store.blobs.rglob("*") if p.is_file()] == []
+        assert cache.store.all_versions() == [] and cache.scan().sources == {}
+    assert src.read_bytes() == before
