@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import CachectlError
 from .layout import Layout
 
-FORMAT_VERSION = 1
+# 2: each release stored as its changes from the one before (1: every release whole)
+FORMAT_VERSION = 2
 FINGERPRINTS_VERSION = 1
 CATALOG_DIR = Path(__file__).resolve().parent / "data" / "catalog"
 # Fingerprints are taken with one torch for every release, so outputs of unchanged code
@@ -88,6 +89,50 @@ def same_math(a: Fingerprint | None, b: Fingerprint | None, rtol: float = FINGER
     return all(abs(x - y) <= rtol * max(mean, abs(x), abs(y)) + 1e-6 for x, y in zip(a.values, b.values))
 
 
+# A release's tables, stored as what changed from the release before it: from one release to
+# the next most models keep their layout, tags and names, so forty releases read about as
+# fast as ten whole ones would (the index is read by every command that identifies a file).
+RELEASE_TABLES = ("models", "failed", "tags", "deprecated")
+_ABSENT = object()
+
+
+def compact(index: dict) -> dict:
+    """`index` (every release whole, as catalog_build.merge makes it) as it is written."""
+    releases, before, base = {}, None, None
+    for version in sorted(index["releases"], key=version_key):
+        rel = index["releases"][version]
+        out: dict = {"base": base}
+        for table in RELEASE_TABLES:
+            now, old = rel[table], (before[table] if before else {})
+            out[table] = {"+": {k: v for k, v in now.items() if old.get(k, _ABSENT) != v},
+                          "-": sorted(k for k in old if k not in now)}
+        releases[version] = out
+        before, base = rel, version
+    return {**index, "releases": releases}
+
+
+def expand(index: dict, path: Path) -> dict:
+    """The written `index` with every release whole again; CachectlError if it does not chain."""
+    releases, before, base = {}, None, None
+    try:
+        for version in sorted(index["releases"], key=version_key):
+            rel = index["releases"][version]
+            if rel["base"] != base:
+                raise ValueError("timm %s is stored against %s, not %s" % (version, rel["base"], base))
+            whole = {}
+            for table in RELEASE_TABLES:
+                now = dict(before[table]) if before else {}
+                for k in rel[table]["-"]:
+                    del now[k]
+                now.update(rel[table]["+"])
+                whole[table] = now
+            releases[version] = whole
+            before, base = whole, version
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CachectlError(path, "the catalog is damaged (%s)" % exc, "Reinstall cachectl.")
+    return {**index, "releases": releases}
+
+
 def index_path() -> Path:
     return CATALOG_DIR / ("index-v%d.json.gz" % FORMAT_VERSION)
 
@@ -106,8 +151,8 @@ class Catalog:
             raise CachectlError(path, "is not a version %d cachectl catalog" % FORMAT_VERSION,
                                 "Reinstall cachectl, or rebuild the catalog with cachectl catalog build.")
         self.path = path
-        self._data = data
-        self.releases: tuple[str, ...] = tuple(sorted(data["releases"], key=version_key))
+        self._data = expand(data, path)
+        self.releases: tuple[str, ...] = tuple(sorted(self._data["releases"], key=version_key))
         self._specs = [tuple(s) for s in data["classifier_specs"]]
 
     @classmethod

@@ -8,7 +8,8 @@ model is built without real weights in an interpreter importing that release, an
 dict layout recorded (resumable: a run stopped or crashed goes on where it was; a model that
 crashes the process is skipped). The release is then merged into the shipped catalog, each
 distinct layout stored once: the index (releases, models, ids: what identification reads)
-and the layouts (keys and shapes, read only for partial matches and diffs). Then its math
+and the layouts (keys and shapes, read only for partial matches and diffs); the index
+keeps each release as its changes from the one before (catalog.compact). Then its math
 fingerprints are taken (cachectl/fingerprint_build.py).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .catalog import CATALOG_DIR, FORMAT_VERSION, index_path, layouts_path, version_key
+from .catalog import CATALOG_DIR, FORMAT_VERSION, compact, expand, index_path, layouts_path, version_key
 from .errors import CachectlError
 from .layout import is_under, layout_id
 from .releases import BOOT, env_for, script, work_dir
@@ -73,7 +74,7 @@ def shipped() -> tuple[dict, list]:
     """(index, layouts) of the catalog in the package; empty ones when there is none yet."""
     try:
         with gzip.open(index_path(), "rt") as f:
-            index = json.load(f)
+            index = expand(json.load(f), index_path())
         with gzip.open(layouts_path(), "rt") as f:
             layouts = json.load(f)
     except FileNotFoundError:
@@ -122,7 +123,7 @@ def write(index: dict, layouts: list) -> str:
     try:
         CATALOG_DIR.mkdir(parents=True, exist_ok=True)
         total = 0
-        for path, value in ((index_path(), index), (layouts_path(), layouts)):
+        for path, value in ((index_path(), compact(index)), (layouts_path(), layouts)):
             tmp = path.with_name("." + path.name + ".tmp")
             with gzip.open(tmp, "wt", compresslevel=9) as f:
                 json.dump(value, f, separators=(",", ":"))

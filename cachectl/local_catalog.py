@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import catalog_build
-from .catalog import Catalog, fingerprints_path, index_path, layouts_path
+from .catalog import Catalog, compact, fingerprints_path, index_path, layouts_path
 from .store import Store
 
 STALE_SECONDS = 3600  # a daemon reads a catalog's layouts lazily, long after loading its index
@@ -104,7 +104,7 @@ def _merge(store: Store, key: str) -> None:
         store.write_file(target / layouts_path().name, gzip.compress(json.dumps(layouts, separators=(",", ":")).encode()))
         if fingerprints_path().exists():
             store.write_file(target / fingerprints_path().name, fingerprints_path().read_bytes())
-        store.write_file(target / index_path().name, gzip.compress(json.dumps(index, separators=(",", ":")).encode()))
+        store.write_file(target / index_path().name, gzip.compress(json.dumps(compact(index), separators=(",", ":")).encode()))
         # an older merge goes once no process can still be on its way to reading it
         for old in folder(store).iterdir():
             if old.is_dir() and old.name not in ("dumps", key) and time.time() - old.stat().st_mtime > STALE_SECONDS:

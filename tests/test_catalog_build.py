@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from cachectl.catalog import Catalog, version_key
+from cachectl.catalog import Catalog, compact, index_path, version_key
 from cachectl.catalog_build import merge, shipped
 from cachectl.cli import main
 from cachectl.layout import layout_id
@@ -21,9 +21,9 @@ def _dump(path, release, models, deprecated):
 
 def _catalog(tmp_path, index) -> Catalog:
     """The merged index as the catalog reads it (its layouts are checked in the list itself)."""
-    with gzip.open(tmp_path / "index-v1.json.gz", "wt", compresslevel=1) as f:
-        json.dump(index, f)
-    return Catalog.load(tmp_path / "index-v1.json.gz")
+    with gzip.open(tmp_path / index_path().name, "wt", compresslevel=1) as f:
+        json.dump(compact(index), f)
+    return Catalog.load(tmp_path / index_path().name)
 
 
 def test_merging_no_dump_keeps_the_shipped_catalog_as_it_is():
