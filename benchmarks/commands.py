@@ -10,8 +10,8 @@ Prints, each the median of --runs after one warm-up run, beside two baselines me
     entries (target for list: 0.5 s).
 The checkpoints hold the exact layout (keys, shapes, dtypes) the catalog records for
 resnet50 and vit_huge_patch14_224 in the installed timm, with uninitialised values: no model
-is built, and inspect identifies them as those models, loading as-is. The store is written
-with the store's own writers, without converting (fsync skipped: the same files, in seconds).
+is built, and inspect identifies them as those models, loading as-is. The store is
+benchmarks/store_scan.py's: written with the store's own writers, without converting.
 Everything is made in a temporary folder and removed.
 """
 from __future__ import annotations
@@ -90,34 +90,6 @@ def make_checkpoints(folder: str) -> None:
         del state
 
 
-def fill_store(root: str | Path, n: int) -> None:
-    """n entries as the store holds them after `cachectl add`, written by the store's own
-    writers without converting: a source, a blob, a converted file and the default
-    environment's link each, in names of ten versions."""
-    import importlib.metadata
-
-    from cachectl.store import Converted, Environment, Link, Source, Store, Version
-
-    timm = importlib.metadata.version("timm")
-    now = time.time()
-    with mock.patch("os.fsync"):
-        store = Store(root).init()
-        store.put_env(Environment("default", None, timm, importlib.metadata.version("torch"), now))
-        for i in range(n):
-            sha = "%064x" % i
-            store.put_source(Source(sha, 1000, "/inbox/m%d.pth" % i, now - i, "torch-zip", "resnet18", (timm,),
-                                    "exact", 1000))
-            for path in (store.blob_path(sha), store.blob_path(sha, ".safetensors")):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(b"x" * 1000)
-            cid = "%s-l" % sha[:16]
-            store.put_converted(Converted(cid, sha, "l", timm, "resnet18", {}, sha, 1000, now, ("as-is",)))
-            store.put_link(Link("default", sha, timm, cid, None, now))
-        for j in range((n + 9) // 10):
-            store.put_versions("m%d" % j, [Version("m%d" % j, v + 1, "%064x" % (j * 10 + v), now - j * 10 - v, "/inbox")
-                                           for v in range(min(10, n - j * 10))])
-
-
 def _mb(n: float) -> str:
     return "%.0f MB" % (n / 1e6) if n < 1e9 else "%.2f GB" % (n / 1e9)
 
@@ -136,7 +108,7 @@ def run(runs: int = 5, entries: int = 10_000) -> list[str]:
         files = [tmp / ("%s%s" % (model, suffix)) for model, _ in CHECKPOINTS for suffix in (".safetensors", ".pth")]
         made = time.perf_counter() - start
         start = time.perf_counter()
-        subprocess.run([py, "-c", "import sys; from benchmarks.commands import fill_store as f; f(sys.argv[1], int(sys.argv[2]))",
+        subprocess.run([py, "-c", "import sys; from benchmarks.store_scan import build; build(sys.argv[1], int(sys.argv[2]))",
                         str(tmp / "root"), str(entries)], check=True)
         filled = time.perf_counter() - start
         base = measure([py, "-c", "pass"], runs)

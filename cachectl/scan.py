@@ -2,13 +2,30 @@
 read as warnings (a damaged or newer-format file never hides the rest).
 
 `list`, `show`, `verify`, `rm` and the prune plan all start from a `Snapshot`.
+
+The scan index (`<root>/store-v1/scan-index.json`) makes a scan of an unchanged store cost
+a stat of each manifest instead of a read. It holds what the last scan built from each
+manifest folder (sources, converted, names, each environment's links) and each blob
+folder's names, with the stat of every file and folder it came from. A manifest whose
+stat (mtime, ctime, size, inode) is the same is taken from the index, any other is read;
+a folder whose stat is the same has the same names (making, renaming or removing a name
+changes its folder's mtime), so its listing is taken too. What changed less than
+RACY_SECONDS before the scan is read and not indexed: its timestamp's tick may not be
+over, and a second change within it would leave its stat the same. The index is derived:
+missing, damaged, or of another layout, it is rebuilt; it is written (atomically, by the
+store's writer) only when it changed and the user may write the store; a reader keeps it
+in memory. The few files per environment (envs, pins, publications, views) are read on
+every scan.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
+import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from itertools import accumulate
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -18,6 +35,16 @@ from .tempnames import SUFFIX as TMP_SUFFIX
 
 
 _CHUNK = 1 << 16  # a manifest is a few KB: one read; a big view.json takes a few
+INDEX_NAME = "scan-index.json"
+INDEX_LAYOUT = 1  # how the index holds what it holds: an index of another layout is rebuilt
+RACY_SECONDS = 2.0  # longer than any filesystem's timestamp tick, and than the clock skew of a local one
+# what each manifest folder's files are built into, by the name the index gives it
+_SIG = "%x.%x.%x.%x"  # a file's mtime, ctime (ns), size and inode: unchanged, the index holds what it says
+_UNINDEXED = "-"  # the stat of a file read on every scan
+_KINDS = {"source": Source, "converted": Converted, "version": Version, "link": Link}
+# the index from each Store's last scan, by the index file's stat: a process scanning
+# again (the daemon, a reader who may not write it) parses it once
+_MEMORY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -59,6 +86,7 @@ class Snapshot:
 def scan(store: Store) -> Snapshot:
     warnings: list[str] = []
     leftovers: list[str] = []
+    index = _Index(store, warnings, leftovers)
 
     def listing(folder: str) -> list[str]:
         try:
@@ -74,26 +102,20 @@ def scan(store: Store) -> Snapshot:
     def each(folder: str, what: str, build: Callable[[dict, str], object]) -> list:
         out = []
         for name in listing(folder):
-            path = os.path.join(folder, name)
-            raw = _read(path, warnings)
-            if raw is None:
-                continue
-            try:
-                out.append(build(raw, name[:-5]))
-            except (TypeError, KeyError, ValueError, AttributeError) as exc:
-                warnings.append("%s: does not read as %s (%s); cachectl verify reports it, remove it if it is not "
-                                "needed" % (path, what, exc))
+            built = _build(os.path.join(folder, name), what, build, warnings)
+            if built is not None:
+                out.append(built)
         return out
 
-    sources = {s.sha256: s for s in each(str(store.sources), "a source manifest", lambda r, _: _source(r))}
-    converted = {c.id: c for c in each(str(store.converted), "a converted manifest", lambda r, _: _converted(r))}
-    versions: list[Version] = []
-    for vs in each(str(store.names), "a name's versions",
-                   lambda r, name: [Version(name=name, **v) for v in r["versions"]]):
-        versions += vs
+    sources = {s.sha256: s for s in index.manifests(store.sources, "source", "a source manifest",
+                                                    lambda r, _: [_source(r)])}
+    converted = {c.id: c for c in index.manifests(store.converted, "converted", "a converted manifest",
+                                                  lambda r, _: [_converted(r)])}
+    versions = index.manifests(store.names, "version", "a name's versions",
+                               lambda r, name: [Version(name=name, **v) for v in r["versions"]])
     links: list[Link] = []
     for env in sorted(_dirs(str(store.links))):
-        links += each(os.path.join(store.links, env), "a link", lambda r, _: Link(**_fields(r)))
+        links += index.manifests(store.links / env, "link", "a link", lambda r, _: [Link(**_fields(r))])
     envs = each(str(store.envs), "an environment", lambda r, _: Environment(**_fields(r)))
     pins = dict(each(str(store.pins), "pins", lambda r, name: (name, MappingProxyType(dict(_pins(r))))))
     publications: list[Publication] = []
@@ -106,20 +128,220 @@ def scan(store: Store) -> Snapshot:
     views, linked = _views(store, warnings, leftovers)
     blobs = []
     for sub in sorted(_dirs(str(store.blobs))):
-        for name in os.listdir(os.path.join(store.blobs, sub)):
-            if name.startswith("."):
-                if name.endswith(TMP_SUFFIX):
-                    leftovers.append(os.path.join(store.blobs, sub, name))
-            else:
-                blobs.append("%s/%s" % (sub, name))
+        blobs += ["%s/%s" % (sub, name) for name in index.names(store.blobs / sub)]
     for folder in (store.root, store.base, store.blobs.parent, store.blobs, store.links):
         listing(str(folder))  # temporaries right there
+    index.save()
     return Snapshot(
         envs=tuple(sorted(envs, key=lambda e: e.name)), sources=MappingProxyType(sources),
         converted=MappingProxyType(converted), versions=tuple(sorted(versions, key=lambda v: (v.name, v.version))),
         links=tuple(links), pins=MappingProxyType(pins), publications=tuple(publications),
         views=MappingProxyType(views), linked=frozenset(linked), blobs=tuple(blobs), leftovers=tuple(sorted(leftovers)),
         warnings=tuple(warnings))
+
+
+def _build(path: str, what: str, build: Callable[[dict, str], object], warnings: list[str]):
+    """What `build` makes of the manifest at `path`; None, with a warning, when it cannot."""
+    raw = _read(path, warnings)
+    if raw is None:
+        return None
+    try:
+        return build(raw, os.path.basename(path)[:-5])
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        warnings.append("%s: does not read as %s (%s); cachectl verify reports it, remove it if it is not "
+                        "needed" % (path, what, exc))
+        return None
+
+
+class _Index:
+    """The scan index while one scan runs: the last one's folders, and this one's."""
+
+    def __init__(self, store: Store, warnings: list[str], leftovers: list[str]):
+        self.store, self.warnings, self.leftovers = store, warnings, leftovers
+        self.path = store.base / INDEX_NAME
+        self.stat, self.old = _load(store, self.path)
+        self.new: dict[str, dict] = {}
+        self.racy = time.time_ns() - int(RACY_SECONDS * 1e9)
+        self._root = len(str(store.root)) + 1
+
+    def _list(self, folder, keep: Callable[[str], bool]) -> tuple[int, str, dict] | None:
+        """(the open folder, its key, its entry with "dir", "names" and "temps"), the names
+        from the index when the folder's stat is the one indexed; None when it is absent."""
+        path = str(folder)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.warnings.append("%s: cannot be listed (%s); its entries are left out" % (path, exc.strerror))
+            return None
+        st = os.fstat(fd)
+        key = path[self._root:]
+        sig = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        old = self.old.get(key)
+        if old is not None and old["dir"] == sig:
+            names, temps = old["names"], old["temps"]
+        else:
+            every = os.listdir(fd)
+            names = sorted(n for n in every if keep(n))
+            temps = sorted(n for n in every if n.startswith(".") and n.endswith(TMP_SUFFIX))
+        self.leftovers.extend(os.path.join(path, n) for n in temps)
+        return fd, key, {"dir": sig if max(sig[0], sig[1]) < self.racy else None, "names": names, "temps": temps}
+
+    def names(self, folder) -> list[str]:
+        """The names in a blob folder (not its hidden temporaries)."""
+        listed = self._list(folder, lambda n: not n.startswith("."))
+        if listed is None:
+            return []
+        fd, key, entry = listed
+        os.close(fd)
+        self.new[key] = entry
+        return entry["names"]
+
+    def manifests(self, folder, kind: str, what: str, build: Callable[[dict, str], list]) -> list:
+        """What `build` makes of each manifest in `folder` (one list per file), in name order."""
+        listed = self._list(folder, lambda n: n.endswith(".json") and not n.startswith("."))
+        if listed is None:
+            return []
+        fd, key, entry = listed
+        try:
+            return self._manifests(fd, str(folder), key, entry, kind, what, build)
+        finally:
+            os.close(fd)
+
+    def _manifests(self, fd: int, folder: str, key: str, entry: dict, kind: str, what: str,
+                   build: Callable[[dict, str], list]) -> list:
+        cls = _KINDS[kind]
+        old = self.old.get(key)
+        if old is not None and old.get("kind") != kind:
+            old = None
+        names = entry["names"]
+        stat = os.stat
+        try:
+            stats = [stat(name, dir_fd=fd) for name in names]
+        except OSError:
+            stats = None  # one was removed or cannot be read since the listing: file by file, below
+        else:
+            sigs = [_SIG % (s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino) for s in stats]
+            if old is not None and names == old["names"] and sigs == old["sigs"]:
+                self.new[key] = {**old, "dir": entry["dir"], "temps": entry["temps"]}  # no manifest changed
+                return list(map(cls, *old["cols"])) if old["cols"] else []
+        indexed: dict[str, tuple[str, int, int]] = {}
+        old_values: list = []
+        if old is not None:
+            ends = list(accumulate(old["count"]))
+            indexed = {name: (sig, end - count, end)
+                       for name, sig, count, end in zip(old["names"], old["sigs"], old["count"], ends)}
+            old_values = list(map(cls, *old["cols"])) if old["cols"] else []
+        out, kept, listed, sigs, counts = [], [], [], [], []
+        for i, name in enumerate(names):
+            if stats is not None:
+                st = stats[i]
+            else:
+                try:
+                    st = stat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # removed since it was listed
+                except OSError as exc:
+                    self.warnings.append("%s: cannot be read (%s)" % (os.path.join(folder, name), exc.strerror))
+                    continue
+            sig = _SIG % (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+            hit = indexed.get(name)
+            if hit is not None and hit[0] == sig:
+                values = old_values[hit[1]:hit[2]]
+            else:
+                values = _build(os.path.join(folder, name), what, build, self.warnings)
+                if values is None or max(st.st_mtime_ns, st.st_ctime_ns) >= self.racy:
+                    sig = _UNINDEXED  # read again next time: damaged, newer, or changed just now
+                    values = values or []
+            out += values
+            listed.append(name)
+            sigs.append(sig)
+            if sig != _UNINDEXED:
+                kept += values
+            counts.append(0 if sig == _UNINDEXED else len(values))
+        self.new[key] = {**entry, "names": listed, "kind": kind, "fields": _field_names(cls),
+                         "sigs": sigs, "count": counts,
+                         "cols": [[getattr(v, f) for v in kept] for f in _field_names(cls)] if kept else []}
+        return out
+
+    def save(self) -> None:
+        """Keep this scan's index: in the store when it changed and the user may write there,
+        else in memory."""
+        stat = self.stat
+        if self.new == self.old:
+            _MEMORY[self.store] = (stat, self.old)
+            return
+        if os.access(self.store.base, os.W_OK):
+            # names and stats as one string per folder ("/" is in no file name): a tenth of
+            # the parsing of a list of strings
+            folders = {key: {**e, **{k: "/".join(e[k]) for k in ("names", "sigs") if k in e}}
+                       for key, e in self.new.items()}
+            data = json.dumps({"format": FORMAT, "index": INDEX_LAYOUT, "folders": folders},
+                              separators=(",", ":")).encode()
+            try:
+                self.store.write_file(self.path, data)
+                stat = _stat(self.path)
+            except OSError:
+                pass  # a full disk, a read-only mount: derived data, rebuilt by the next scan that can write it
+        _MEMORY[self.store] = (stat, self.new)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _stat(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
+
+
+def _load(store: Store, path) -> tuple[tuple | None, dict]:
+    """(the index file's stat, its folders as a scan uses them); no folders for an index that
+    is absent, damaged or of another layout, and none of a folder whose entry is damaged."""
+    stat = _stat(path)
+    remembered = _MEMORY.get(store)
+    if remembered is not None and remembered[0] == stat:
+        return remembered
+    if stat is None:
+        return None, {}
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read())
+        if raw.get("format") != FORMAT or raw.get("index") != INDEX_LAYOUT:
+            return stat, {}
+        folders = {key: _entry(e) for key, e in raw["folders"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return stat, {}
+    return stat, {key: e for key, e in folders.items() if e is not None}
+
+
+def _entry(raw: dict) -> dict | None:
+    """A folder's entry as a scan uses it (lists, tuples), or None unless it has the shape this
+    cachectl writes."""
+    e = {**raw, "names": raw["names"].split("/") if raw["names"] else []}
+    if not isinstance(e["temps"], list):
+        return None
+    if "kind" not in e:
+        return e  # a blob folder's names
+    cls = _KINDS.get(e["kind"])
+    if cls is None or e["fields"] != _field_names(cls):
+        return None  # written by a cachectl whose manifests hold other fields
+    e["sigs"] = e["sigs"].split("/") if e["sigs"] else []
+    counts = e["count"]
+    if not len(e["names"]) == len(e["sigs"]) == len(counts) or min(counts, default=0) < 0:
+        return None
+    total = sum(counts)
+    cols = e["cols"] = list(e["cols"])
+    if total and (len(cols) != len(e["fields"]) or any(len(col) != total for col in cols)):
+        return None
+    for i, f in enumerate(fields(cls)):
+        if cols and f.type.startswith("tuple"):
+            cols[i] = [tuple(v) for v in cols[i]]
+    return e
 
 
 def _read(path: str, warnings: list[str]) -> dict | None:
@@ -150,8 +372,6 @@ def _read(path: str, warnings: list[str]) -> dict | None:
             path, raw["format"], FORMAT))
         return None
     return raw
-
-
 def _dirs(folder: str) -> list[str]:
     try:
         return [e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]

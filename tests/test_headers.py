@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from benchmarks.commands import fill_store
+from benchmarks.store_scan import build as fill_store
 from cachectl.catalog import Catalog
 from cachectl.cli import main
 from cachectl.headers import NotPlain, read_header
