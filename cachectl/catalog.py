@@ -195,7 +195,7 @@ class Catalog:
         base = name.split(".")[0]
         rel = self._fingerprints().get(release)
         if rel is None:
-            return "timm %s is not fingerprinted in this catalog" % release
+            return "the catalog holds no fingerprints of timm %s" % release
         if base in rel["models"]:
             return None
         for kind in ("skipped", "failed"):
