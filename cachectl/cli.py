@@ -1003,7 +1003,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     else:
         if running:
             console.print("cachectld: running, up %s, pid %d on %s (status written %s ago, last full scan %s)" % (
-                _age(time.time() - st.uptime), st.pid, st.host, _age(st.updated),
+                _age(st.started), st.pid, st.host, _age(st.updated),
                 "%s ago" % _age(st.scanned) if st.scanned else "not yet"))
         else:
             console.print("cachectld: not running (%s %s ago; it was pid %d on %s)" % (
