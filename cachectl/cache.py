@@ -542,7 +542,6 @@ class Cache:
         """Everything the store holds, read once; what could not be read is in its warnings."""
         from .scan import scan
 
-        self.environments()  # the default environment is registered on first use
         return scan(self.store)
 
     def rows(self, env: str | None = None, snapshot: Snapshot | None = None) -> list[Row]:
@@ -553,7 +552,10 @@ class Cache:
         if env is not None and not envs:
             self.env(env)  # raises the helpful error
         links: dict[tuple[str, str], Link] = {(l.env, l.source): l for l in snap.links}
-        pins = {e.name: snap.pins.get(e.name, {}) for e in envs}
+        pinned_in: dict[tuple[str, int], list[str]] = {}  # (name, version) -> the environments pinning it
+        for e in sorted(e.name for e in envs):
+            for name, version in snap.pins.get(e, {}).items():
+                pinned_in.setdefault((name, version), []).append(e)
         sizes = snap.converted_size()
         served = self._served_by_version([e.name for e in envs], snap)
         rows = []
@@ -574,9 +576,9 @@ class Cache:
                 name=v.name, version=v.version, architecture=s.architecture if s else None,
                 timm_versions=s.timm_versions if s else (), source_size=s.size if s else 0,
                 converted_size=sizes.get(v.source, 0),
-                environments=tuple(have), pinned=tuple(sorted(e for e, p in pins.items() if p.get(v.name) == v.version)),
+                environments=tuple(have), pinned=tuple(pinned_in.get((v.name, v.version), ())),
                 created=v.added, state=state, error=error, source=v.source,
-                served=tuple(served.get(v.ref, ())),
+                served=tuple(served.get(v.ref, ())) if served else (),
             ))
         rows.sort(key=lambda r: (r.name, r.version))
         return rows
@@ -591,7 +593,23 @@ class Cache:
         return "converting" if busy else "pending"
 
     def _with_default(self, envs: tuple[Environment, ...]) -> list[Environment]:
-        return list(envs) if any(e.name == DEFAULT_ENV for e in envs) else self.environments()
+        return list(envs) if any(e.name == DEFAULT_ENV for e in envs) else self.known_environments()
+
+    def known_environments(self) -> list[Environment]:
+        """The registered environments, and the default one before its first use registers it:
+        as it will be, its timm and torch read from their package metadata, not imported
+        (torch's import is most of a second: `list` on a new store must not pay it).
+        Never written: registering asks the interpreter itself (`environments`)."""
+        envs = {e.name: e for e in self.store.all_envs()}
+        if DEFAULT_ENV not in envs:
+            from .inspection import installed_release
+
+            timm, torch = installed_release("timm"), installed_release("torch")
+            if timm is None or torch is None:
+                return self.environments()  # the metadata cannot tell: ask timm
+            envs[DEFAULT_ENV] = Environment(name=DEFAULT_ENV, python=None, timm=timm, torch=torch.split("+")[0],
+                                            probed=0.0)
+        return [envs[k] for k in sorted(envs)]
 
     @staticmethod
     def _served_by_version(envs: list[str], snap: Snapshot) -> dict[str, list[str]]:

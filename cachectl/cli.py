@@ -6,14 +6,17 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .errors import CachectlError
+
+# rich is imported where a table or a spinner is drawn: a third of a quick command's
+# start-up, which `list` in a pipe, `--json` and `--help` never need
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Only the variables the help names are read (--root's CACHECTL_ROOT): no option turns
 # into an undocumented one, and none skips a confirmation.
@@ -47,15 +50,17 @@ _USER_ERRNOS = {
 @contextmanager
 def _spinner(text: str, hidden: bool = False) -> Iterator[Callable[[str], None]]:
     """A transient spinner on stderr while a step may take seconds; yields a renamer."""
-    if hidden:  # --json: not even rich.progress's import, which inspect's budget cannot afford
+    # --json, a pipe or a file: not even rich's import, which a quick command's budget cannot
+    # afford; there a spinner would only leave a blank line before the answer
+    if hidden or not sys.stderr.isatty():
         yield lambda what: None
         return
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     console = Console(stderr=True, markup=False, highlight=False)
-    # not on a pipe or a file: there it would only leave a blank line before the answer
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
-                  disable=hidden or not console.is_terminal, console=console) as bar:
+                  disable=not console.is_terminal, console=console) as bar:
         task = bar.add_task(text)
         yield lambda what: bar.update(task, description=what)
 
@@ -73,6 +78,8 @@ def _emit_json(value) -> None:
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # a pipe gets wide rows rather than rows wrapped at 80 columns; no markup: names, paths
     # and errors come from files and users, and "[/]" in a path is not a style
     return Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -201,6 +208,8 @@ def inspect(file: Path, ema: bool, model: str | None, prefixes: tuple[str, ...],
     if as_json:
         _emit_json(report.to_json())
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -547,11 +556,13 @@ def unpin(ctx: click.Context, name: str, env: str, as_json: bool) -> None:
 def pins(ctx: click.Context, env: str | None, as_json: bool) -> None:
     """The pins of every environment."""
     with _cache(ctx) as cache:
-        envs = [cache.env(env)] if env else cache.environments()
+        envs = [cache.env(env)] if env else cache.known_environments()
         table = {e.name: cache.store.pins_of(e.name) for e in envs}
     if as_json:
         _emit_json(table)
         return
+    from rich.table import Table
+
     out = Table(box=None, header_style="bold")
     for col in ("ENV", "NAME", "VERSION"):
         out.add_column(col, overflow="fold")  # names are typed into other commands: wrapped, never cut
@@ -713,6 +724,8 @@ def env_list(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json([{"name": e.name, "python": e.python, "timm": e.timm, "torch": e.torch, "probed": e.probed} for e in envs])
         return
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "TIMM", "TORCH", "PYTHON"):
         table.add_column(col, overflow="fold")  # names and paths are typed elsewhere: wrapped, never cut

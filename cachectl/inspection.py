@@ -151,25 +151,31 @@ def timm_release(python: str | None) -> str | None:
     """The timm release of `python` (None: this interpreter) from its package metadata, without
     importing timm; None when that cannot be told so (the agent then asks timm itself)."""
     if python is None:
-        # the dist-info beside the timm that imports here (importlib.metadata costs 50 ms to import)
-        spec = importlib.util.find_spec("timm")
-        if spec is None or not spec.origin:
-            return None
-        found = list(Path(spec.origin).parent.parent.glob("timm-*.dist-info"))
-        if len(found) == 1:
-            return found[0].name[len("timm-"):-len(".dist-info")]
-        from importlib import metadata
-
-        try:
-            return metadata.version("timm")
-        except metadata.PackageNotFoundError:
-            return None
+        return installed_release("timm")
     try:
         proc = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('timm'))"],
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def installed_release(package: str) -> str | None:
+    """The release of `package` that imports in this interpreter, from the dist-info beside it,
+    without importing it; None when that cannot be told so."""
+    # importlib.metadata costs 50 ms to import: the folder beside the package first
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        return None
+    found = list(Path(spec.origin).parent.parent.glob("%s-*.dist-info" % package))
+    if len(found) == 1:
+        return found[0].name[len(package) + 1:-len(".dist-info")]
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 @dataclass(frozen=True)

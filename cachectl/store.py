@@ -36,8 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import filelock
-
 from . import locks
 from .errors import CachectlError, NoSpaceError
 from .regular import open_regular
@@ -304,6 +302,8 @@ class Store:
     def lock(self, name: str, timeout: float = -1) -> Iterator[None]:
         """An exclusive lock that a crashed holder does not keep forever, usable by every
         member of a shared store's group."""
+        import filelock  # 80 ms of CPU to import: commands that only read the store never lock
+
         self.mkdir(self.locks)
         path = self._lock_path(name)
         if self.locking.kind == "soft":

@@ -155,13 +155,20 @@ def test_quick_commands_import_neither_torch_nor_timm(files, tmp_path):
     commands = [["--help"], ["inspect", str(folder / "w.safetensors"), "--json"], ["inspect", str(folder / "w.pth")],
                 ["inspect", str(folder / "train.pth.tar")], ["list"], ["list", "--json"], ["show", "m0"],
                 ["path", "m0"], ["pins"], ["status"]]
-    for args in commands:
+    # a root never used before: the default environment is listed as it will be, not probed
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()  # CACHECTL_ROOT names a folder: an empty one becomes the store
+    for args, where in [(args, root) for args in commands] + [(args, fresh) for args in (["list"], ["pins"])]:
         proc = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True,
-                              env=dict(os.environ, CACHECTL_ROOT=str(root)))
+                              env=dict(os.environ, CACHECTL_ROOT=str(where)))
         *output, last = proc.stdout.rstrip().splitlines()
         assert last.startswith("IMPORTED"), (args, proc.stdout, proc.stderr)
-        assert last.split(" ", 1)[1].startswith("[] "), (args, last)
+        assert last.split(" ", 1)[1].startswith("[] "), (args, where, last)
         assert last.endswith((" 0", " None")) or args == ["status"], (args, proc.stdout, proc.stderr)
+    assert list((fresh / "envs").iterdir()) == []  # registered on first use, by the interpreter itself
+    listed = subprocess.run([sys.executable, "-m", "cachectl.cli", "list", "--env", "default", "--json"],
+                            capture_output=True, text=True, env=dict(os.environ, CACHECTL_ROOT=str(fresh)))
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
     inspected = json.loads(subprocess.run([sys.executable, "-m", "cachectl.cli", "inspect", str(folder / "w.pth"), "--json"],
                                           capture_output=True, text=True, check=True).stdout)
     assert (inspected["architecture"], inspected["loads_as_is"], inspected["installed_timm"]) == (MODEL, True, timm.__version__)
