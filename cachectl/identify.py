@@ -311,7 +311,7 @@ def _made_under_old_name(catalog: Catalog, c: Candidate, release: str, new: str)
     """Does `timm.create_model(c.architecture)` in `release`, where the name is deprecated
     to `new`, save the layout of candidate `c`?"""
     base, _, tag = new.partition(".")
-    entry = catalog.models(release).get(base)
+    entry = catalog.model(release, base)
     if entry is None:
         return False
     if entry.layout_index == c.layout_index:

@@ -9,7 +9,6 @@ catalog built it, is asked of the target interpreter itself.
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +151,8 @@ def timm_release(python: str | None) -> str | None:
     importing timm; None when that cannot be told so (the agent then asks timm itself)."""
     if python is None:
         return installed_release("timm")
+    import subprocess
+
     try:
         proc = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('timm'))"],
                               capture_output=True, text=True, timeout=60)

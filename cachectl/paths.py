@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-import platformdirs
-
 # What a checkpoint file is called.
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar", ".ckpt")
 # The weights of a Hugging Face snapshot folder, in the order they are preferred.
@@ -16,4 +14,8 @@ SNAPSHOT_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch
 
 def default_root(environ: Mapping[str, str] = os.environ) -> Path:
     """The cache's folder: $CACHECTL_ROOT, else the platform's user data folder."""
-    return Path(environ.get("CACHECTL_ROOT") or platformdirs.user_data_dir("cachectl"))
+    if environ.get("CACHECTL_ROOT"):
+        return Path(environ["CACHECTL_ROOT"])
+    import platformdirs  # imported only when asked: inspect and --help never need it
+
+    return Path(platformdirs.user_data_dir("cachectl"))
