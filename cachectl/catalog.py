@@ -284,22 +284,6 @@ class Catalog:
     def layout_key_sets(self) -> list[tuple[int, frozenset]]:
         return [(i, frozenset((k, tuple(s)) for k, s, _ in rows)) for i, rows in enumerate(self._layouts())]
 
-    def families_that_changed(self) -> dict[str, list[tuple[str, str, str, str]]]:
-        """{family: [(model, older release, newer release, newer name)]} where a model's
-        layout changed between consecutive releases, following renames in the newer
-        release's deprecation table (its name there, without the pretrained tag)."""
-        out: dict[str, list] = defaultdict(list)
-        entries = self._entries()
-        for older, newer in zip(self.releases, self.releases[1:]):
-            renamed = self.deprecated(newer)
-            for name, entry in entries[older].items():
-                new_name = name if name in entries[newer] else renamed.get(name, "").split(".")[0]
-                other = entries[newer].get(new_name)
-                # layouts are stored once each, so another index is another layout
-                if other and other.layout_index != entry.layout_index:
-                    out[other.family].append((name, older, newer, new_name))
-        return dict(out)
-
 
 def name_candidates(catalog: Catalog, arch: str, hint: str | None = None) -> list[str]:
     """`arch`, its newer names (the releases' deprecation tables) and the older names that
