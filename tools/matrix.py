@@ -32,6 +32,11 @@ CHANGED = [
     "vit_tiny_patch16_224", "beit_base_patch16_224", "tnt_s_patch16_224",
 ]
 CONTROLS = ["resnet18", "efficientnet_b0", "mobilenetv3_small_050", "densenet121", "regnetx_002"]
+# Look-alikes: each shares its layout with a model that computes differently (TensorFlow
+# padding; a distillation head that changed what it reads), so only the file's name tells
+# them apart. Renamed: known by a deprecated name in later releases (an arch.tag there).
+LOOK_ALIKES = ["tf_efficientnet_b0_ap", "pit_ti_distilled_224", "deit_tiny_distilled_patch16_224"]
+RENAMED = ["vit_tiny_patch16_224_in21k", "resnetv2_50x1_bitm"]
 RELEASES = ["0.4.12", "0.6.13", "0.9.16", "1.0.31"]
 LATEST = "1.0.31"  # the release installed beside cachectl: its target runs in-process
 
@@ -46,7 +51,8 @@ def _kind(steps: tuple[str, ...]) -> str:
 
 def run(releases: list[str], models: list[str]) -> list[dict]:
     catalog = Catalog.load()
-    have = {r: set(catalog.models(r)) for r in releases}
+    # a release has a model it knows by name or through its deprecation table
+    have = {r: set(catalog.models(r)) | set(catalog.deprecated(r)) for r in releases}
     targets = {r: Target(None if r == LATEST else python_for(r)) for r in releases}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +94,31 @@ def _convert_and_run(model: str, src: str, dst: str, target: Target, tmp: Path) 
             "detail": "%s, max diff %.1e, %.1f s" % (_kind(result.steps), diff, seconds)}
 
 
+def _earlier_rows(text: str) -> list[dict]:
+    """The cases an earlier run wrote in the doc's table of every case."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## Every case"):
+            inside = True
+        elif inside and line.startswith("| ") and not line.startswith("| model "):
+            model, src, dst, result, detail = [c.strip() for c in line.strip("|").split(" | ", 4)]
+            rows.append({"model": model, "src": src, "dst": dst, "result": result, "detail": detail})
+        elif inside and line.startswith("<!--"):
+            break
+    return rows
+
+
 def write(rows: list[dict], releases: list[str]) -> Path:
+    """The doc's matrix and table of every case: this run's cases, beside those of earlier
+    runs it did not repeat (a run of some models keeps the others); the sections other
+    tools write (from tools/fingerprint_report.py's marker on) are kept as they are."""
+    from tools.fingerprint_report import START
+
+    path = ROOT / "docs" / "compat-matrix.md"
+    old = path.read_text() if path.exists() else ""
+    ran = {(r["model"], r["src"], r["dst"]) for r in rows}
+    rows = [r for r in _earlier_rows(old) if (r["model"], r["src"], r["dst"]) not in ran] + rows
+    releases = sorted(set(releases) | {r["src"] for r in rows} | {r["dst"] for r in rows}, key=version_key)
     totals = defaultdict(lambda: [0, 0])
     for r in rows:
         t = totals[(r["src"], r["dst"])]
@@ -115,21 +145,16 @@ def write(rows: list[dict], releases: list[str]) -> Path:
     lines += ["", "## Every case", "", "| model | source | target | result | how, max diff, convert time |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append("| %s | %s | %s | %s | %s |" % (r["model"], r["src"], r["dst"], r["result"], r["detail"].replace("|", "/")))
-    path = ROOT / "docs" / "compat-matrix.md"
     path.parent.mkdir(exist_ok=True)
-    # keep the section tools/fingerprint_report.py writes
-    from tools.fingerprint_report import END, START
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        lines += ["", START + old.split(START, 1)[1].split(END, 1)[0] + END]
-    path.write_text("\n".join(lines) + "\n")
+    tail = ["", START + old.split(START, 1)[1].rstrip("\n")] if START in old else []
+    path.write_text("\n".join(lines + tail) + "\n")
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--releases", default=",".join(RELEASES))
-    parser.add_argument("--models", default=",".join(CHANGED + CONTROLS))
+    parser.add_argument("--models", default=",".join(CHANGED + CONTROLS + LOOK_ALIKES + RENAMED))
     args = parser.parse_args(argv)
     releases = sorted(args.releases.split(","), key=version_key)
     rows = run(releases, args.models.split(","))
