@@ -551,7 +551,11 @@ class Cache:
         envs = [e for e in self._with_default(snap.envs) if env is None or e.name == env]
         if env is not None and not envs:
             self.env(env)  # raises the helpful error
-        links: dict[tuple[str, str], Link] = {(l.env, l.source): l for l in snap.links}
+        links: dict[str, dict[str, Link]] = {e.name: {} for e in envs}  # env -> source -> its link
+        for link in snap.links:
+            if link.env in links:
+                links[link.env][link.source] = link
+        env_links = [(e, links[e.name]) for e in envs]
         pinned_in: dict[tuple[str, int], list[str]] = {}  # (name, version) -> the environments pinning it
         for e in sorted(e.name for e in envs):
             for name, version in snap.pins.get(e, {}).items():
@@ -562,8 +566,8 @@ class Cache:
         for v in snap.versions:
             s = sources.get(v.source)
             have, errors, waiting = [], [], False
-            for e in envs:
-                link = links.get((e.name, v.source))
+            for e, of_env in env_links:
+                link = of_env.get(v.source)
                 if link is None or link.timm != e.timm:
                     waiting = True
                 elif link.error:
