@@ -1,6 +1,6 @@
 """cachectl against what users would do instead, as ratios measured in one run.
 
-    nice -n 10 python -m benchmarks.bench [--quick]     (make bench)
+    nice -n 10 python -m benchmarks.bench [--quick] [--sizes '100 MB,400 MB']     (make bench)
 
 Everything runs in one warm process, as the daemon's workers do (torch, timm and the
 catalog imported and loaded once). For each source, made here with real timm models and
@@ -214,8 +214,12 @@ def conversion_table(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the 100 MB sources and a backlog of 50 files")
+    parser.add_argument("--sizes", help="the conversion table alone, for these size classes (e.g. '100 MB,400 MB')")
     args = parser.parse_args(argv)
-    sources = QUICK if args.quick else SOURCES
+    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
+    sources = [s for s in SOURCES if s.size in sizes] if sizes else QUICK if args.quick else SOURCES
+    if not sources:
+        raise SystemExit("bench: no source of size %s (there are %s)" % (args.sizes, ", ".join(sorted({s.size for s in SOURCES}))))
     (ROOT / ".cache").mkdir(exist_ok=True)
     need, free = disk_needed(sources), shutil.disk_usage(ROOT / ".cache").free
     print("disk needed at most: %.1f GB under %s (free: %.1f GB)" % (need / 1e9, ROOT / ".cache", free / 1e9),
@@ -227,9 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     with tempfile.TemporaryDirectory(prefix="bench-", dir=ROOT / ".cache") as tmp:
         lines += conversion_table(conversions(sources, Path(tmp)))
-    lines += [""] + daemon.section(files=50 if args.quick else 200)
-    # in a process of its own, so the children it times inherit no memory (benchmarks/commands.py)
-    lines += [""] + subprocess.run([sys.executable, "-m", "benchmarks.commands"], check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+    if not sizes:
+        lines += [""] + daemon.section(files=50 if args.quick else 200)
+        # in a process of its own, so the children it times inherit no memory (benchmarks/commands.py)
+        lines += [""] + subprocess.run([sys.executable, "-m", "benchmarks.commands"], check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
     print("\n".join(lines))
     return 0
 
