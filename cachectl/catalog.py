@@ -231,9 +231,6 @@ class Catalog:
     def classifier_specs(self) -> list[tuple[str, ...]]:
         return list(self._specs)
 
-    def _entries(self) -> dict[str, dict[str, ModelEntry]]:
-        return {release: self.models(release) for release in self._data["releases"]}
-
     @functools.lru_cache(maxsize=None)
     def _layout_index(self) -> dict[str, int]:
         return {lid: i for i, lid in enumerate(self._data["layout_ids"])}
