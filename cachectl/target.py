@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
@@ -64,6 +65,9 @@ class Target:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="cachectl-target-"))
+        # removed by close(), else when the Target is collected or the interpreter exits: a
+        # command that never closes its targets leaves no folder behind in /tmp
+        self._remove_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, True)
         self._agent = None
         self._info: TargetInfo | None = None
         # a daemon converts many files of one model: what the target says of a model is
@@ -88,7 +92,7 @@ class Target:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
             self._proc = None
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._remove_tmp()
 
     def _call(self, op: str, **args):
         if self.python is None:

@@ -72,7 +72,7 @@ def test_catalog_accessor(catalog):
     assert "0.9.16" in catalog.fingerprinted_releases
     assert catalog.why_no_fingerprint("0.9.16", "resnet50") is None
     assert catalog.fingerprint("9.9.9", "resnet50") is None
-    assert "not fingerprinted" in catalog.why_no_fingerprint("9.9.9", "resnet50")
+    assert "holds no fingerprints of timm 9.9.9" in catalog.why_no_fingerprint("9.9.9", "resnet50")
     assert catalog.fingerprint("0.9.16", "no_such_model") is None
 
 
