@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import cachectl
 from cachectl import locks, tempnames, views
 from cachectl.cli import main
 from cachectl.store import Store
@@ -31,9 +32,15 @@ def _ok(*cmd):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _closed_folders(path: Path) -> list[Path]:
-    """Folders above `path` that other users cannot pass through."""
-    return [p for p in Path(os.path.realpath(path)).parents if not os.stat(p).st_mode & 0o001]
+def _closed_folders(*paths: Path) -> list[Path]:
+    """Folders above `paths`, as written and as resolved, that other users cannot pass through
+    (a venv's python is a link: its own folder, e.g. a CI's mktemp -d, must be passed too)."""
+    above: list[Path] = []
+    for path in paths:
+        for p in (*Path(os.path.abspath(path)).parents, *Path(os.path.realpath(path)).parents):
+            if p not in above and not os.stat(p).st_mode & 0o001:
+                above.append(p)
+    return above
 
 
 def _let_group_through(folder: Path, gid: int) -> None:
@@ -70,7 +77,7 @@ def two_users():
         made.append(("groupdel", group))
         # the interpreter may sit under a private home (/root/.pyenv): the test's group,
         # and no one else, may pass through to it until the test ends
-        for folder in _closed_folders(Path(PY)):
+        for folder in _closed_folders(Path(PY), REPO, Path(cachectl.__file__)):
             opened.append((folder, os.stat(folder).st_mode & 0o7777))
             _let_group_through(folder, grp.getgrnam(group).gr_gid)
         for user in (writer, reader):
