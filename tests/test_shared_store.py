@@ -98,6 +98,8 @@ def two_users():
         for cmd in made:
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         shutil.rmtree(base, ignore_errors=True)
+        for user in (writer, reader):  # torch's compile cache, made in /tmp for each user that imports it
+            shutil.rmtree(Path(tempfile.gettempdir()) / ("torchinductor_" + user), ignore_errors=True)
 
 
 def as_user(user: str, base: Path, *args: str, env: dict | None = None, code: str | None = None):
