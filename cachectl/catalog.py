@@ -159,18 +159,18 @@ class Catalog:
     def load(cls, path: Path | None = None) -> "Catalog":
         return _load(path or index_path())
 
+    def _entry(self, release: str, name: str, row: list) -> ModelEntry:
+        idx, family, spec, nc = row
+        return ModelEntry(name, release, idx, family, self._specs[spec] if spec >= 0 else (), nc)
+
     @functools.lru_cache(maxsize=None)
     def models(self, release: str) -> dict[str, ModelEntry]:
-        return {name: ModelEntry(name, release, idx, family, self._specs[spec] if spec >= 0 else (), nc)
-                for name, (idx, family, spec, nc) in self._data["releases"][release]["models"].items()}
+        return {name: self._entry(release, name, row) for name, row in self._data["releases"][release]["models"].items()}
 
     def model(self, release: str, name: str) -> ModelEntry | None:
         """`models(release).get(name)`, without making the release's other entries."""
         row = self._data["releases"][release]["models"].get(name)
-        if row is None:
-            return None
-        idx, family, spec, nc = row
-        return ModelEntry(name, release, idx, family, self._specs[spec] if spec >= 0 else (), nc)
+        return None if row is None else self._entry(release, name, row)
 
     def layout(self, index: int) -> Layout:
         return Layout.from_rows(self._layouts()[index])
@@ -221,12 +221,11 @@ class Catalog:
         index = self._layout_index().get(lid)
         if index is None:
             return []
-        return [ModelEntry(name, release, idx, family, self._specs[spec] if spec >= 0 else (), nc)
-                for release in self.releases
-                for name, (idx, family, spec, nc) in self._data["releases"][release]["models"].items() if idx == index]
+        return [self._entry(release, name, row) for release in self.releases
+                for name, row in self._data["releases"][release]["models"].items() if row[0] == index]
 
     def by_body(self, classifier: tuple[str, ...], body_id: str) -> list[ModelEntry]:
-        return self._index()[1].get((classifier, body_id), [])
+        return self._by_body().get((classifier, body_id), [])
 
     def classifier_specs(self) -> list[tuple[str, ...]]:
         return list(self._specs)
@@ -236,19 +235,16 @@ class Catalog:
         return {lid: i for i, lid in enumerate(self._data["layout_ids"])}
 
     @functools.lru_cache(maxsize=None)
-    def _index(self):
-        ids = self._data["layout_ids"]
+    def _by_body(self) -> dict[tuple, list[ModelEntry]]:
         bodies = {(li, si): bid for li, si, bid in self._data["bodies"]}
         spec_index = {s: i for i, s in enumerate(self._specs)}
-        by_layout: dict[str, list[ModelEntry]] = defaultdict(list)
         by_body: dict[tuple, list[ModelEntry]] = defaultdict(list)
         for release in self.releases:
             for entry in self.models(release).values():
-                by_layout[ids[entry.layout_index]].append(entry)
                 if entry.classifier:
                     body = bodies[(entry.layout_index, spec_index[entry.classifier])]
                     by_body[(entry.classifier, body)].append(entry)
-        return by_layout, by_body
+        return by_body
 
     @functools.lru_cache(maxsize=None)
     def _layouts(self) -> list:
