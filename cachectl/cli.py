@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import click
 
 from . import __version__
-from .errors import CachectlError
+from .errors import CachectlError, few
 
 # rich is imported where a table or a spinner is drawn: a third of a quick command's
 # start-up, which `list` in a pipe, `--json` and `--help` never need
@@ -235,7 +235,7 @@ def inspect(file: Path, ema: bool, model: str | None, prefixes: tuple[str, ...],
         ]
         others = [c.architecture for c in part.alternatives if c not in part.ambiguous]
         if others:
-            rows.append(("also matches", ", ".join(others[:5]) + (" and %d more" % (len(others) - 5) if len(others) > 5 else "")))
+            rows.append(("also matches", few(others, 5)))
         rows.append(("loads as-is in timm %s" % report.installed_timm,
                      "yes" if part.loads_as_is else "no: %s" % part.as_is_problem))
     if report.wrapped:

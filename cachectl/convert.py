@@ -21,7 +21,7 @@ from . import __version__, migrations, proof
 from ._fingerprint import DERIVED_BUFFERS
 from .catalog import Catalog, Fingerprint, name_candidates, version_key
 from .catalog import same_math as fingerprints_agree
-from .errors import NoPlanError, TargetError
+from .errors import NoPlanError, TargetError, few
 from .identify import Tag, find, math_agrees, part_of
 from .layout import Layout, layout_id
 from .reader import Checkpoint, read
@@ -55,8 +55,7 @@ class Mismatch:
         parts = []
         for label, items in (("missing", self.missing), ("unexpected", self.unexpected)):
             if items:
-                more = " and %d more" % (len(items) - limit) if len(items) > limit else ""
-                parts.append("%s %s%s" % (label, ", ".join(items[:limit]), more))
+                parts.append("%s %s" % (label, few(items, limit)))
         if self.shapes:
             shown = ["%s %s vs %s" % (k, list(a), list(b)) for k, a, b in self.shapes[:limit]]
             parts.append("shape %s" % "; ".join(shown))
@@ -520,7 +519,7 @@ def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Tar
     odd = _tables_unlike_target(attempt.state, spec, target)
     if odd and not math.startswith("math: unverified"):
         math += "; %sthe file's %s differ from the tables timm %s derives for %s, which the fingerprints and proofs use" % (
-            "" if "; unverified: " in math else "unverified: ", _few(odd), target.info().timm, spec.name)
+            "" if "; unverified: " in math else "unverified: ", few(odd, 3), target.info().timm, spec.name)
     attempt = _Attempt(attempt.name, attempt.steps + (math,), attempt.state, attempt.mismatch)
     return choice, spec, attempt
 
@@ -536,10 +535,6 @@ def _tables_unlike_target(state: Mapping[str, torch.Tensor], spec: ModelSpec, ta
         return []
     own = target.buffer_values(spec, keys)
     return [k for k in keys if k in own and not (own[k].shape == state[k].shape and torch.equal(own[k], state[k].to(own[k].dtype)))]
-
-
-def _few(keys: list[str], limit: int = 3) -> str:
-    return ", ".join(keys[:limit]) + (" and %d more" % (len(keys) - limit) if len(keys) > limit else "")
 
 
 def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None = None, *,

@@ -55,3 +55,9 @@ class TargetError(CachectlError):
 
 class AmbiguousError(IdentifyError):
     """Look-alike architectures that may compute differently, and nothing in the file decides."""
+
+
+def few(items, limit: int) -> str:
+    """The first `limit` of `items`, and how many more there are: how messages list keys."""
+    items = list(items)
+    return ", ".join(items[:limit]) + (" and %d more" % (len(items) - limit) if len(items) > limit else "")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import Catalog, name_candidates, version_key
-from .errors import CachectlError, NoPlanError
+from .errors import CachectlError, NoPlanError, few
 from .headers import NotPlain, read_header
 from .identify import Candidate, Tag, find, part_of
 from .layout import Layout, is_under
@@ -242,8 +242,7 @@ def mismatch(have: Layout, want: Layout, limit: int = 6) -> str | None:
     for label, items in (("missing", [k for k in wanted if k not in got]),
                          ("unexpected", sorted(k for k in got if k not in wanted))):
         if items:
-            more = " and %d more" % (len(items) - limit) if len(items) > limit else ""
-            parts.append("%s %s%s" % (label, ", ".join(items[:limit]), more))
+            parts.append("%s %s" % (label, few(items, limit)))
     shapes = [(k, got[k].shape, s.shape) for k, s in wanted.items() if k in got and got[k].shape != s.shape]
     if shapes:
         parts.append("shape %s" % "; ".join("%s %s vs %s" % (k, list(a), list(b)) for k, a, b in shapes[:limit]))
