@@ -1,6 +1,6 @@
 """The commands that answer at once, as a user runs them: whole process, from the command line.
 
-    nice -n 10 python -m benchmarks.commands [--runs 5] [--entries 10000]    (also part of make bench)
+    nice -n 10 python -m benchmarks.commands [--runs 5] [--entries 10000] [--only list,show]    (also part of make bench)
 
 Prints, each the median of --runs after one warm-up run, beside two baselines measured in the same run (`python -c pass`, and
 `python -c "import torch"`, what every command paid before it read headers only):
@@ -12,7 +12,8 @@ The checkpoints hold the exact layout (keys, shapes, dtypes) the catalog records
 resnet50 and vit_huge_patch14_224 in the installed timm, with uninitialised values: no model
 is built, and inspect identifies them as those models, loading as-is. The store is
 benchmarks/store_scan.py's: written with the store's own writers, without converting.
-Everything is made in a temporary folder and removed.
+Everything is made in a temporary folder and removed. --only names the commands to time (the
+baselines are always timed); without inspect, no checkpoint is made.
 """
 from __future__ import annotations
 
@@ -94,8 +95,11 @@ def _mb(n: float) -> str:
     return "%.0f MB" % (n / 1e6) if n < 1e9 else "%.2f GB" % (n / 1e9)
 
 
-def run(runs: int = 5, entries: int = 10_000) -> list[str]:
-    """The tables, as markdown lines."""
+STORE_COMMANDS = (["list"], ["list", "--json"], ["show", "m0"], ["path", "m0"], ["pins"], ["status"])
+
+
+def run(runs: int = 5, entries: int = 10_000, only: frozenset[str] | None = None) -> list[str]:
+    """The tables, as markdown lines; `only`: the commands to time (by name), else every one."""
     py = sys.executable
     lines = []
     with tempfile.TemporaryDirectory(prefix="cachectl-bench-commands-") as tmp:
@@ -103,9 +107,11 @@ def run(runs: int = 5, entries: int = 10_000) -> list[str]:
         # made by children: a child's peak RSS counts what it inherited at fork, so this
         # process stays as small as `python -c pass`
         start = time.perf_counter()
-        subprocess.run([py, "-c", "import sys; from benchmarks.commands import make_checkpoints as m; m(sys.argv[1])",
-                        str(tmp)], check=True)
-        files = [tmp / ("%s%s" % (model, suffix)) for model, _ in CHECKPOINTS for suffix in (".safetensors", ".pth")]
+        files = []
+        if only is None or "inspect" in only:
+            subprocess.run([py, "-c", "import sys; from benchmarks.commands import make_checkpoints as m; m(sys.argv[1])",
+                            str(tmp)], check=True)
+            files = [tmp / ("%s%s" % (model, suffix)) for model, _ in CHECKPOINTS for suffix in (".safetensors", ".pth")]
         made = time.perf_counter() - start
         start = time.perf_counter()
         subprocess.run([py, "-c", "import sys; from benchmarks.store_scan import build; build(sys.argv[1], int(sys.argv[2]))",
@@ -128,7 +134,9 @@ def run(runs: int = 5, entries: int = 10_000) -> list[str]:
                 f.name, _mb(f.stat().st_size), r.seconds, r.cpu, _mb(r.peak_rss), r.seconds / base.seconds,
                 r.seconds / torch.seconds, INSPECT_SECONDS, _mb(INSPECT_RSS), "met" if ok else "MISSED"))
         env = dict(os.environ, CACHECTL_ROOT=str(tmp / "root"))
-        for args in (["list"], ["list", "--json"], ["show", "m0"], ["path", "m0"], ["pins"], ["status"]):
+        for args in STORE_COMMANDS:
+            if only is not None and args[0] not in only:
+                continue
             r = measure(cachectl() + args, runs, env)
             target = ("< %.1f s: %s" % (LIST_SECONDS, "met" if r.seconds < LIST_SECONDS else "MISSED")
                       if args[0] == "list" else "")
@@ -142,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--entries", type=int, default=10_000)
+    parser.add_argument("--only", metavar="COMMANDS", help="comma-separated: inspect, %s" % ", ".join(
+        dict.fromkeys(a[0] for a in STORE_COMMANDS)))
     args = parser.parse_args(argv)
-    print("\n".join(run(args.runs, args.entries)))
+    only = frozenset(args.only.split(",")) if args.only else None
+    print("\n".join(run(args.runs, args.entries, only)))
     return 0
 
 
