@@ -562,29 +562,32 @@ class Cache:
                 pinned_in.setdefault((name, version), []).append(e)
         sizes = snap.converted_size()
         served = self._served_by_version([e.name for e in envs], snap)
+        # four fields of each source, not 10,000 Source values
+        architecture, made_by = sources.column("architecture"), sources.column("timm_versions")
+        source_size, source_error = sources.column("size"), sources.column("error")
+        converted_ids = set(converted)
         rows = []
-        for v in snap.versions:
-            s = sources.get(v.source)
+        for v in snap.versions:  # by name, then version: so are the rows
+            sha = v.source
             have, errors, waiting = [], [], False
             for e, of_env in env_links:
-                link = of_env.get(v.source)
+                link = of_env.get(sha)
                 if link is None or link.timm != e.timm:
                     waiting = True
                 elif link.error:
                     errors.append("%s: %s" % (e.name, link.error))
-                elif link.converted in converted:
+                elif link.converted in converted_ids:
                     have.append(e.name)
-            error = s.error if s and s.error else ("; ".join(errors) or None)
-            state = "failed" if error else (self._waiting_state(v.source, envs) if waiting else "ready")
+            error = source_error.get(sha) or ("; ".join(errors) or None)
+            state = "failed" if error else (self._waiting_state(sha, envs) if waiting else "ready")
             rows.append(Row(
-                name=v.name, version=v.version, architecture=s.architecture if s else None,
-                timm_versions=s.timm_versions if s else (), source_size=s.size if s else 0,
-                converted_size=sizes.get(v.source, 0),
-                environments=tuple(have), pinned=tuple(pinned_in.get((v.name, v.version), ())),
-                created=v.added, state=state, error=error, source=v.source,
+                name=v.name, version=v.version, architecture=architecture.get(sha),
+                timm_versions=made_by.get(sha, ()), source_size=source_size.get(sha, 0),
+                converted_size=sizes.get(sha, 0),
+                environments=tuple(have), pinned=tuple(pinned_in.get((v.name, v.version), ())) if pinned_in else (),
+                created=v.added, state=state, error=error, source=sha,
                 served=tuple(served.get(v.ref, ())) if served else (),
             ))
-        rows.sort(key=lambda r: (r.name, r.version))
         return rows
 
     def _waiting_state(self, sha: str, envs: list[Environment]) -> str:

@@ -375,10 +375,11 @@ def add(ctx: click.Context, file: Path, name: str | None, model: str | None, pre
         sys.exit(1)
 
 
-def _age(ts: float) -> str:
+def _age(ts: float, now: float | None = None) -> str:
+    """How long before `now` (else the time of the call)."""
     import time
 
-    s = max(0, time.time() - ts)
+    s = max(0, (time.time() if now is None else now) - ts)
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if s >= n:
             return "%d%s" % (s // n, unit)
@@ -407,6 +408,7 @@ def list_(ctx: click.Context, pattern: str | None, env: str | None, quiet: bool,
       cachectl list --env timm06 --json | jq '.[] | select(.state == "failed")'
       cachectl list -q 'old_*' | xargs cachectl rm --dry-run
     """
+    import time
     from fnmatch import fnmatchcase
 
     with _cache(ctx) as cache, _spinner("reading the store"):
@@ -432,9 +434,10 @@ def list_(ctx: click.Context, pattern: str | None, env: str | None, quiet: bool,
     # names are typed into other commands, so they are never cut
     header = ("NAME@VERSION", "ARCHITECTURE", "MADE BY TIMM", "SOURCE", "CONVERTED", "READY IN", "PINNED IN", "AGE",
               "STATE")
+    now = time.time()
     cells = [(r.ref, r.architecture or "?", ", ".join(r.timm_versions) or "?", _size(r.source_size),
-              _size(r.converted_size), ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-", _age(r.created),
-              r.state) for r in rows]
+              _size(r.converted_size), ", ".join(r.environments) or "-", ", ".join(r.pinned) or "-",
+              _age(r.created, now), r.state) for r in rows]
     widths = [max(map(len, column)) for column in zip(header, *cells)]
     # one format for every row (sizes right-aligned, the last column unpadded): 10,000 rows
     # in 20 ms, where padding cell by cell took 0.2 s
