@@ -94,6 +94,20 @@ class TensorRecord:
 
     dtype: str
     shape: tuple[int, ...]
+    # of a torch pickle's tensor: the key of its storage, and where in it the tensor lies
+    # (in elements), so cachectl/reader.py can map it without torch's unpickler
+    storage: str | None = None
+    offset: int = 0
+    stride: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredBytes:
+    """A storage's bytes in a torch zip file: uncompressed, `nbytes` from `offset`."""
+
+    dtype: str
+    offset: int
+    nbytes: int
 
 
 def read_header(path: str | os.PathLike, *, ema: bool = True) -> Header:
@@ -121,7 +135,7 @@ def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Header:
             fmt = "safetensors"
             obj, metadata = _safetensors(weights, head)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, struct.error,
-            TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+            TypeError, KeyError, IndexError, AttributeError, RecursionError, MemoryError) as exc:
         raise NotPlain("%s: %s" % (type(exc).__name__, exc))
     state, container, others, extras = _unwrap(obj, ema)
     state, prefix = strip_prefixes(state)
@@ -210,7 +224,7 @@ def _rebuild_tensor(storage, offset, size, stride, *rest):
         raise NotPlain("a tensor that shows more elements than its storage holds (a zero stride)")
     if dtype is not None and dtype != storage.dtype:
         raise NotPlain("a tensor of another dtype than its storage")
-    return TensorRecord(storage.dtype, tuple(size))
+    return TensorRecord(storage.dtype, tuple(size), storage.key, offset, tuple(stride))
 
 
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
@@ -283,6 +297,12 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _zip_pickle(path: Path) -> Any:
+    return zip_records(path, offsets=False)[0]
+
+
+def zip_records(path: Path, *, offsets: bool = True) -> tuple[Any, dict[str, StoredBytes]]:
+    """The object a torch zip file's pickle describes, its tensors as records, and where
+    each storage's bytes lie in the file (`offsets`: else every offset is 0)."""
     with zipfile.ZipFile(path) as z:
         infos = {i.filename: i for i in z.infolist()}
         pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -296,11 +316,23 @@ def _zip_pickle(path: Path) -> Any:
             raise NotPlain("a data.pkl of %d bytes" % infos[pkl[0]].file_size)
         unpickler = _Unpickler(z.open(pkl[0]))
         obj = unpickler.load()
-    for s in unpickler.storages.values():  # each storage's bytes are in the file, whole: a cut copy is the reader's to explain
-        info = infos.get(folder + "data/" + s.key)
-        if info is None or info.file_size != s.numel * _DTYPES[s.dtype]:
-            raise NotPlain("storage %s is missing or cut short" % s.key)
-    return obj
+    stored = {}
+    with open(path, "rb") as f:
+        for s in unpickler.storages.values():  # each storage's bytes are in the file, whole: a cut copy is the reader's to explain
+            info = infos.get(folder + "data/" + s.key)
+            nbytes = s.numel * _DTYPES[s.dtype]
+            if info is None or info.file_size != nbytes or info.compress_type != zipfile.ZIP_STORED:
+                raise NotPlain("storage %s is missing or cut short, or compressed" % s.key)
+            at = 0
+            if offsets:  # the data follow the record's local header and its own name and extra field
+                f.seek(info.header_offset)
+                local = f.read(30)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    raise NotPlain("storage %s has no local header" % s.key)
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                at = info.header_offset + 30 + name_len + extra_len
+            stored[s.key] = StoredBytes(s.dtype, at, nbytes)
+    return obj, stored
 
 
 def _legacy_pickle(path: Path) -> Any:

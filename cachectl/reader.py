@@ -14,6 +14,7 @@ import stat
 import struct
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,7 +23,7 @@ import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
 # what needs no torch is shared with the header reader that `inspect` uses
-from .headers import CONTAINERS, EMA_CONTAINERS, SAFETENSORS_HEADER_LIMIT, Hints
+from .headers import CONTAINERS, EMA_CONTAINERS, SAFETENSORS_HEADER_LIMIT, Hints, NotPlain, TensorRecord, zip_records
 from .headers import merge_hints as _merge_hints
 from .headers import repo_id as _repo_id
 from .headers import strip_prefixes as _strip_prefixes
@@ -99,7 +100,8 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
     base = None
     if head[:4] == b"PK\x03\x04":
         _check_zip(weights, via, size)
-        obj = _torch_load(weights, via, mmap=True)
+        mapped = _mapped_zip(via, size)
+        obj, base = mapped if mapped is not None else (_torch_load(weights, via, mmap=True), None)
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
     elif _looks_like_safetensors(head):
@@ -121,7 +123,7 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
     _check_extent(weights, state)
     hints = _merge_hints(hints, extras, metadata)
     layout = Layout.from_specs({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()})
-    if fmt == "torch-zip":
+    if fmt == "torch-zip" and base is None:
         base = _zip_base(via, state)
     return Checkpoint(
         path=path, weights=weights, format=fmt, layout=layout, tensors=state, container=container,
@@ -172,6 +174,45 @@ def _spanner(base: int, size: int) -> Callable[[torch.Tensor], int | None]:
             return ptr - base
         return None
     return span
+
+
+def _mapped_zip(via: Path, size: int) -> tuple[Any, int] | None:
+    """The object in a torch zip file with its tensors mapped from the file, and the
+    address the file is mapped at; None when only torch's own loader can say.
+
+    The same tensors torch.load(weights_only=True, mmap=True) gives (tests compare them),
+    from cachectl/headers.py's unpickler, which builds nothing but tensor records: torch's
+    is written in Python and was most of a conversion's fixed cost (60 to 80 ms for a
+    ResNet-50). Anything that unpickler does not know, torch reads, with its own checks.
+    """
+    try:
+        obj, stored = zip_records(via)
+    except (NotPlain, OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, struct.error,
+            TypeError, KeyError, IndexError, AttributeError, RecursionError, MemoryError):
+        return None
+    dtypes = {s.dtype: getattr(torch, s.dtype, None) for s in stored.values()}
+    if any(d is None for d in dtypes.values()) or any(
+            s.offset % dtypes[s.dtype].itemsize or s.offset + s.nbytes > size for s in stored.values()):
+        return None  # unaligned or past the end: torch copies or refuses
+    raw = torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size))
+    typed = {key: raw[s.offset:s.offset + s.nbytes].view(dtypes[s.dtype])
+             for key, s in stored.items()}
+
+    def build(x: Any) -> Any:
+        if isinstance(x, TensorRecord):
+            if x.storage not in typed or any(d < 0 for d in x.stride) or len(x.stride) != len(x.shape):
+                raise NotPlain("a tensor outside its storage")
+            return typed[x.storage].as_strided(x.shape, x.stride, typed[x.storage].storage_offset() + x.offset)
+        if isinstance(x, dict):
+            return type(x)((k, build(v)) for k, v in x.items()) if type(x) in (dict, OrderedDict) else x
+        if isinstance(x, (list, tuple)):
+            return type(x)(build(v) for v in x) if type(x) in (list, tuple) else x
+        return x
+
+    try:
+        return build(obj), raw.data_ptr()
+    except (NotPlain, RuntimeError, RecursionError, MemoryError):
+        return None
 
 
 def _zip_base(path: Path, state: Mapping[str, torch.Tensor]) -> int | None:

@@ -192,3 +192,68 @@ def test_names_stay_inside_the_store_and_markup_in_paths_is_printed_as_is(tmp_pa
     assert shown["origin"].endswith("a[/]b [bold]/junk.safetensors")
     text = runner.invoke(main, ["show", "junk"])
     assert text.exit_code == 0 and "a[/]b [bold]/junk.safetensors" in text.output
+
+
+def _tensors(obj, path=""):
+    """Every tensor in a loaded object, by where it lies in it."""
+    if isinstance(obj, torch.Tensor):
+        return {path: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, "%s/%s" % (path, key)).items()}
+
+
+def test_a_zip_file_is_mapped_to_exactly_the_tensors_torch_loads(tmp_path, state):
+    """cachectl maps torch zip files with its own unpickler (torch's was most of a
+    conversion's fixed cost): every tensor must be torch's, bit for bit, with the same
+    dtype, shape, strides and place in the file, however the file shares its storages."""
+    from cachectl.reader import _mapped_zip, _torch_load
+
+    base = torch.arange(24, dtype=torch.float32)
+    weights = {
+        **state,
+        "tied.a": state["conv_stem.weight"], "tied.b": state["conv_stem.weight"],  # one storage, two names
+        "transposed": torch.randn(5, 7).t(),  # not contiguous
+        "slice": base[6:18].view(3, 4),  # a view at an offset into a shared storage
+        "whole": base,
+        "half": torch.randn(4, 3).half(), "bf16": torch.randn(3).bfloat16(), "long": torch.arange(5),
+        "mask": torch.rand(4) > 0.5, "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+        "param": torch.nn.Parameter(torch.randn(2, 2)),
+    }
+    path = tmp_path / "train.pth"
+    torch.save({"epoch": 3, "args": argparse.Namespace(model=MODEL), "state_dict": weights,
+                "state_dict_ema": {k: v for k, v in state.items()},
+                "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}},
+               path)
+    mapped = _mapped_zip(path, path.stat().st_size)
+    assert mapped is not None, "a plain torch.save file must not need torch's unpickler"
+    ours, base_address = mapped
+    theirs = _tensors(_torch_load(path, path, mmap=True))
+    ours = _tensors(ours)
+    assert set(ours) == set(theirs) and len(ours) > len(state) * 2
+    data = path.read_bytes()
+    for key, t in theirs.items():
+        o = ours[key]
+        assert (o.dtype, o.shape, o.stride()) == (t.dtype, t.shape, t.stride()), key
+        assert torch.equal(o, t), key
+        if o.numel() and o.is_contiguous():  # where the reader says the bytes lie, they lie
+            at = o.data_ptr() - base_address
+            assert data[at:at + o.numel() * o.element_size()] == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), key
+    assert ours["/state_dict/tied.a"].data_ptr() == ours["/state_dict/tied.b"].data_ptr()
+    # what the conversion reads: the EMA copy, as timm's own loader, and where its bytes lie
+    ckpt = read(path)
+    assert ckpt.container == "state_dict_ema" and ckpt.span is not None
+    for key, t in ckpt.tensors.items():
+        at = ckpt.span(t)
+        assert at is not None and data[at:at + t.numel() * t.element_size()] == t.view(-1).view(torch.uint8).numpy().tobytes(), key
+
+
+def test_what_the_mapped_reader_does_not_know_torch_reads(tmp_path):
+    """A tensor that shows more elements than it stores (expand) is not a plain view:
+    torch's loader reads the file, and the reader gives the same tensors as before."""
+    from cachectl.reader import _mapped_zip
+
+    path = tmp_path / "expanded.pth"
+    torch.save({"w": torch.arange(3.0).expand(4, 3), "b": torch.ones(2)}, path)
+    assert _mapped_zip(path, path.stat().st_size) is None
+    ckpt = read(path)
+    assert torch.equal(ckpt.tensors["w"], torch.arange(3.0).expand(4, 3)) and torch.equal(ckpt.tensors["b"], torch.ones(2))
