@@ -16,6 +16,10 @@ missing, damaged, or of another layout, it is rebuilt; it is written (atomically
 store's writer) only when it changed and the user may write the store; a reader keeps it
 in memory. The few files per environment (envs, pins, publications, views) are read on
 every scan.
+
+The index is JSON lines: the first holds each folder's names, stats and how many values
+each manifest gave; each further line one field of one folder's values, parsed only when
+a scan's caller reads that field (`list` reads 19 of the 35).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from itertools import accumulate
 from types import MappingProxyType
 from typing import Callable, Generic, Iterator, Mapping, TypeVar
 
+from .errors import CachectlError
 from .store import (FORMAT, Converted, Environment, Link, Publication, Source, Store, Version, _converted,
                     _fields, _pins, _source)
 from .tempnames import SUFFIX as TMP_SUFFIX
@@ -37,7 +42,7 @@ from .tempnames import SUFFIX as TMP_SUFFIX
 
 _CHUNK = 1 << 16  # a manifest is a few KB: one read; a big view.json takes a few
 INDEX_NAME = "scan-index.json"
-INDEX_LAYOUT = 1  # how the index holds what it holds: an index of another layout is rebuilt
+INDEX_LAYOUT = 2  # how the index holds what it holds: an index of another layout is rebuilt
 RACY_SECONDS = 2.0  # longer than any filesystem's timestamp tick, and than the clock skew of a local one
 # what each manifest folder's files are built into, by the name the index gives it
 _SIG = "%x.%x.%x.%x"  # a file's mtime, ctime (ns), size and inode: unchanged, the index holds what it says
@@ -58,12 +63,15 @@ class Manifests(Mapping[str, T], Generic[T]):
         self._cls, self._columns = cls, columns
         self._at = {k: i for i, k in enumerate(columns[key])}  # a repeated key: the last one, as a dict
         self._made: dict[str, T] = {}
+        self._every: list[list] | None = None  # every column, in field order, once a whole value is read
 
     def __getitem__(self, key: str) -> T:
         value = self._made.get(key)
         if value is None:
             i = self._at[key]
-            value = self._made[key] = self._cls(*[col[i] for col in self._columns.values()])
+            if self._every is None:
+                self._every = list(self._columns.values())
+            value = self._made[key] = self._cls(*[col[i] for col in self._every])
         return value
 
     def __contains__(self, key) -> bool:
@@ -247,7 +255,7 @@ class _Index:
         self.new[key] = entry
         return entry["names"]
 
-    def manifests(self, folder, kind: str, what: str, build: Callable[[dict, str], list]) -> dict[str, list]:
+    def manifests(self, folder, kind: str, what: str, build: Callable[[dict, str], list]) -> Mapping[str, list]:
         """What `build` makes of each manifest in `folder` (a list of values per file), in name
         order, as columns: each field's values, by field name."""
         listed = self._list(folder, lambda n: n.endswith(".json") and not n.startswith("."))
@@ -260,7 +268,7 @@ class _Index:
             os.close(fd)
 
     def _manifests(self, fd: int, folder: str, key: str, entry: dict, kind: str, what: str,
-                   build: Callable[[dict, str], list]) -> dict[str, list]:
+                   build: Callable[[dict, str], list]) -> Mapping[str, list]:
         cls = _KINDS[kind]
         names_of_fields = _field_names(cls)
         old = self.old.get(key)
@@ -273,17 +281,18 @@ class _Index:
         except OSError:
             stats = None  # one was removed or cannot be read since the listing: file by file, below
         else:
-            sigs = [_SIG % (s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino) for s in stats]
+            # compared as the one string the index holds: splitting it made 31,000 strings a scan
+            sigs = "/".join([_SIG % (s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino) for s in stats])
             if old is not None and names == old["names"] and sigs == old["sigs"]:
                 self.new[key] = {**old, "dir": entry["dir"], "temps": entry["temps"]}  # no manifest changed
-                return dict(zip(names_of_fields, old["cols"] or [[] for _ in names_of_fields]))
+                return old["cols"]
         indexed: dict[str, tuple[str, int, int]] = {}
         old_values: list = []
         if old is not None:
             ends = list(accumulate(old["count"]))
             indexed = {name: (sig, end - count, end)
-                       for name, sig, count, end in zip(old["names"], old["sigs"], old["count"], ends)}
-            old_values = list(map(cls, *old["cols"])) if old["cols"] else []
+                       for name, sig, count, end in zip(old["names"], _split(old["sigs"]), old["count"], ends)}
+            old_values = list(map(cls, *old["cols"].values()))
         out, kept, listed, sigs, counts = [], [], [], [], []
         for i, name in enumerate(names):
             if stats is not None:
@@ -312,8 +321,8 @@ class _Index:
                 kept += values
             counts.append(0 if sig == _UNINDEXED else len(values))
         self.new[key] = {**entry, "names": listed, "kind": kind, "fields": names_of_fields,
-                         "sigs": sigs, "count": counts,
-                         "cols": [[getattr(v, f) for v in kept] for f in names_of_fields] if kept else []}
+                         "sigs": "/".join(sigs), "count": counts,
+                         "cols": {f: [getattr(v, f) for v in kept] for f in names_of_fields}}
         return {f: [getattr(v, f) for v in out] for f in names_of_fields}
 
     def save(self) -> None:
@@ -324,12 +333,16 @@ class _Index:
             _MEMORY[self.store] = (stat, self.old)
             return
         if os.access(self.store.base, os.W_OK):
-            # names and stats as one string per folder ("/" is in no file name): a tenth of
-            # the parsing of a list of strings
-            folders = {key: {**e, **{k: "/".join(e[k]) for k in ("names", "sigs") if k in e}}
-                       for key, e in self.new.items()}
-            data = json.dumps({"format": FORMAT, "index": INDEX_LAYOUT, "folders": folders},
-                              separators=(",", ":")).encode()
+            folders, lines = {}, []
+            for key, e in self.new.items():
+                # names and stats as one string per folder ("/" is in no file name): a tenth of
+                # the parsing of a list of strings
+                folders[key] = head = {**e, "names": "/".join(e["names"])}
+                if "cols" in e:
+                    head["cols"] = len(lines)  # the line of its first field, after the first line
+                    cols = e["cols"]
+                    lines += [cols.line(f) if isinstance(cols, _Columns) else _json_line(cols[f]) for f in e["fields"]]
+            data = b"\n".join([_json_line({"format": FORMAT, "index": INDEX_LAYOUT, "folders": folders}), *lines])
             try:
                 self.store.write_file(self.path, data)
                 stat = _stat(self.path)
@@ -340,6 +353,48 @@ class _Index:
 
 def _field_names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+def _json_line(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()  # ASCII: a newline in a value is escaped
+
+
+class _Columns(Mapping[str, list]):
+    """An indexed folder's values, a list per field, each parsed from its line of the index
+    when first read."""
+
+    def __init__(self, path: str, fields: list[str], data: bytes, lines: list[tuple[int, int]], total: int,
+                 tuples: frozenset[str]):
+        self._path, self._data, self._total, self._tuples = path, data, total, tuples
+        self._lines = dict(zip(fields, lines))
+        self._parsed: dict[str, list] = {}
+
+    def __getitem__(self, field: str) -> list:
+        col = self._parsed.get(field)
+        if col is None:
+            try:
+                col = json.loads(self.line(field))
+                if field in self._tuples:
+                    col = [tuple(v) for v in col]
+            except (ValueError, TypeError):
+                col = None
+            if not isinstance(col, list) or len(col) != self._total:
+                # written whole by one atomic rename: only a hand edit gets here
+                raise CachectlError(self._path, "is damaged (its %s values)" % field,
+                                    "Remove it: the next scan rebuilds it from the manifests.")
+            self._parsed[field] = col
+        return col
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._lines)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def line(self, field: str) -> bytes:
+        """The field's line as it was read: an unchanged folder is written back unparsed."""
+        start, end = self._lines[field]
+        return self._data[start:end]
 
 
 def _stat(path) -> tuple | None:
@@ -361,19 +416,31 @@ def _load(store: Store, path) -> tuple[tuple | None, dict]:
         return None, {}
     try:
         with open(path, "rb") as f:
-            raw = json.loads(f.read())
+            data = f.read()
+        (start, end), *lines = _lines(data)
+        raw = json.loads(data[start:end])
         if raw.get("format") != FORMAT or raw.get("index") != INDEX_LAYOUT:
             return stat, {}
-        folders = {key: _entry(e) for key, e in raw["folders"].items()}
+        folders = {key: _entry(e, data, lines, str(path)) for key, e in raw["folders"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return stat, {}
     return stat, {key: e for key, e in folders.items() if e is not None}
 
 
-def _entry(raw: dict) -> dict | None:
-    """A folder's entry as a scan uses it (lists, tuples), or None unless it has the shape this
-    cachectl writes."""
-    e = {**raw, "names": raw["names"].split("/") if raw["names"] else []}
+def _lines(data: bytes) -> list[tuple[int, int]]:
+    """Where each line of `data` starts and ends: its fields are sliced from it only when parsed,
+    not all copied out of it."""
+    spans, start = [], 0
+    while (end := data.find(b"\n", start)) >= 0:
+        spans.append((start, end))
+        start = end + 1
+    return spans + [(start, len(data))]
+
+
+def _entry(raw: dict, data: bytes, lines: list[tuple[int, int]], path: str) -> dict | None:
+    """A folder's entry as a scan uses it (names as a list, its values as _Columns of the
+    `lines` of `data`), or None unless it has the shape this cachectl writes."""
+    e = {**raw, "names": _split(raw["names"])}
     if not isinstance(e["temps"], list):
         return None
     if "kind" not in e:
@@ -381,18 +448,27 @@ def _entry(raw: dict) -> dict | None:
     cls = _KINDS.get(e["kind"])
     if cls is None or e["fields"] != _field_names(cls):
         return None  # written by a cachectl whose manifests hold other fields
-    e["sigs"] = e["sigs"].split("/") if e["sigs"] else []
+    if not isinstance(e["sigs"], str):
+        return None
     counts = e["count"]
-    if not len(e["names"]) == len(e["sigs"]) == len(counts) or min(counts, default=0) < 0:
+    sigs = e["sigs"].count("/") + 1 if e["sigs"] else 0
+    if not len(e["names"]) == sigs == len(counts) or min(counts, default=0) < 0:
         return None
-    total = sum(counts)
-    cols = e["cols"] = list(e["cols"])
-    if total and (len(cols) != len(e["fields"]) or any(len(col) != total for col in cols)):
+    first, n = e["cols"], len(e["fields"])
+    if type(first) is not int or not 0 <= first <= len(lines) - n:
         return None
-    for i, f in enumerate(fields(cls)):
-        if cols and f.type.startswith("tuple"):
-            cols[i] = [tuple(v) for v in cols[i]]
+    e["cols"] = _Columns(path, e["fields"], data, lines[first:first + n], sum(counts), _tuple_fields(cls))
     return e
+
+
+def _split(joined: str) -> list[str]:
+    """The names or stats of a folder, held as one string ("/" is in no file name)."""
+    return joined.split("/") if joined else []
+
+
+def _tuple_fields(cls) -> frozenset[str]:
+    # the index holds JSON arrays; the values hold tuples
+    return frozenset(f.name for f in fields(cls) if f.type.startswith("tuple"))
 
 
 def _read(path: str, warnings: list[str]) -> dict | None:

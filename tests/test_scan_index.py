@@ -13,6 +13,7 @@ from cachectl import scan as scan_module
 from cachectl.cli import main
 from cachectl.scan import INDEX_NAME, scan
 from cachectl.store import Store
+from benchmarks.store_scan import build as fill_store
 from conftest import INSTALLED, make_checkpoint
 
 SMALL = "mobilenetv3_small_050"
@@ -140,6 +141,27 @@ def test_damaged_and_newer_manifests_warn_on_every_scan_and_a_damaged_index_is_r
     reads.clear()
     assert scan(Store(root)).warnings == warned and len(reads) == 2  # never indexed: read and reported each time
 
-    (store.base / INDEX_NAME).write_text('{"format": 1, "index": 1, "folders": {"store-v1/sources": 7}}')
+    (store.base / INDEX_NAME).write_text('{"format": 1, "index": %d, "folders": {"store-v1/sources": 7}}'
+                                         % scan_module.INDEX_LAYOUT)
     assert scan(Store(root)).warnings == warned  # a damaged index is no warning: it is rebuilt
-    assert json.loads((store.base / INDEX_NAME).read_text())["folders"]["store-v1/sources"]["kind"] == "source"
+    head = (store.base / INDEX_NAME).read_text().split("\n")[0]  # then one line per field of the values
+    assert json.loads(head)["folders"]["store-v1/sources"]["kind"] == "source"
+
+
+def test_a_field_damaged_in_the_index_is_one_line_naming_it(root):
+    """The index's values are parsed when first read, after the scan chose the index: a line
+    of them damaged by hand is an error that says what to do, not a traceback or wrong rows."""
+    fill_store(root, 3)
+    time.sleep(2 * RACY)
+    assert "m0@1" in cli("list")  # writes the index
+    index = root / "store-v1" / INDEX_NAME
+    head, *lines = index.read_bytes().split(b"\n")
+    folder = json.loads(head)["folders"]["store-v1/sources"]
+    at = folder["cols"] + folder["fields"].index("architecture")
+    lines[at] = lines[at][:-1]  # its closing bracket
+    index.write_bytes(b"\n".join([head, *lines]))
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "%s: is damaged (its architecture values). Remove it" % index in result.output
+    index.unlink()
+    assert "m0@1" in cli("list")  # rebuilt
