@@ -716,7 +716,7 @@ def env_add(ctx: click.Context, name: str, python: str, as_json: bool) -> None:
         return
     click.echo("%s: timm %s, torch %s (%s)" % (e.name, e.timm, e.torch, e.python))
     if catalogued:
-        click.echo("timm %s is newer than cachectl's catalog: this store catalogued it from %s" % (e.timm, e.name))
+        click.echo("timm %s is not in cachectl's catalog (newer than it, or a release it skips): this store catalogued it from %s" % (e.timm, e.name))
 
 
 @env.command(name="list")

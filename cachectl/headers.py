@@ -355,26 +355,32 @@ def _legacy_pickle(path: Path) -> Any:
 
 
 def _unwrap(obj: Any, ema: bool) -> tuple[dict, str | None, tuple[str, ...], dict]:
-    """The state dict inside `obj`, the container it came from, others present, extras."""
     if not isinstance(obj, Mapping):
         raise NotPlain("not a dict")
-    extras = {k: obj[k] for k in ("arch", "num_classes", "epoch", "version") if k in obj and not isinstance(obj[k], TensorRecord)}
+    found = unwrap(obj, ema, TensorRecord)
+    if found is None:
+        raise NotPlain("no tensors")
+    return found
+
+
+def unwrap(obj: Mapping, ema: bool, kind: type) -> tuple[dict, str | None, tuple[str, ...], dict] | None:
+    """The state dict inside `obj` (values of type `kind`: records here, tensors in the
+    reader), the container it came from, others present, extras; None without tensors."""
+    extras = {k: obj[k] for k in ("arch", "num_classes", "epoch", "version") if k in obj and not isinstance(obj[k], kind)}
     args = obj.get("args")
     if isinstance(args, argparse.Namespace) and "arch" not in extras and getattr(args, "model", None):
         extras["arch"] = args.model
-    if obj and all(isinstance(v, TensorRecord) for v in obj.values()):
+    if obj and all(isinstance(v, kind) for v in obj.values()):
         return dict(obj), None, (), extras
     present = [c for c in CONTAINERS if isinstance(obj.get(c), Mapping) and obj.get(c)]
     order = [c for c in present if c in EMA_CONTAINERS] + [c for c in present if c not in EMA_CONTAINERS] if ema else present
     for name in order:
         inner = obj[name]
-        if any(isinstance(v, TensorRecord) for v in inner.values()):
-            state = {k: v for k, v in inner.items() if isinstance(v, TensorRecord)}
+        if any(isinstance(v, kind) for v in inner.values()):
+            state = {k: v for k, v in inner.items() if isinstance(v, kind)}
             return state, name, tuple(c for c in present if c != name), extras
-    tensors = {k: v for k, v in obj.items() if isinstance(v, TensorRecord)}
-    if not tensors:
-        raise NotPlain("no tensors")
-    return tensors, None, (), extras
+    tensors = {k: v for k, v in obj.items() if isinstance(v, kind)}
+    return (tensors, None, (), extras) if tensors else None
 
 
 def strip_prefixes(state: dict) -> tuple[dict, str]:

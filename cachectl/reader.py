@@ -23,7 +23,7 @@ import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
 # what needs no torch is shared with the header reader that `inspect` uses
-from .headers import CONTAINERS, EMA_CONTAINERS, SAFETENSORS_HEADER_LIMIT, Hints, NotPlain, TensorRecord, zip_records
+from .headers import SAFETENSORS_HEADER_LIMIT, Hints, NotPlain, TensorRecord, unwrap, zip_records
 from .headers import merge_hints as _merge_hints
 from .headers import repo_id as _repo_id
 from .headers import strip_prefixes as _strip_prefixes
@@ -386,10 +386,6 @@ def _first_line(exc: BaseException) -> str:
     return text[0].split(". ")[0] if text else type(exc).__name__
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
 def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict, str | None, tuple[str, ...], dict]:
     """The state dict inside `obj`, the container it came from, others present, extras."""
     if isinstance(obj, torch.nn.Module):  # not reachable with weights_only, kept out of the contract
@@ -397,26 +393,13 @@ def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[dict, str | None, tuple[st
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, "holds a %s, not a state dict" % type(obj).__name__,
                               "Save a dict of tensors (model.state_dict()).")
-    extras = {k: obj[k] for k in ("arch", "num_classes", "epoch", "version") if k in obj and not isinstance(obj[k], torch.Tensor)}
-    args = obj.get("args")
-    if isinstance(args, argparse.Namespace) and "arch" not in extras and getattr(args, "model", None):
-        extras["arch"] = args.model
-    if _is_state_dict(obj):
-        return dict(obj), None, (), extras
-    present = [c for c in CONTAINERS if isinstance(obj.get(c), Mapping) and obj.get(c)]
-    order = [c for c in present if c in EMA_CONTAINERS] + [c for c in present if c not in EMA_CONTAINERS] if ema else present
-    for name in order:
-        inner = obj[name]
-        if _is_state_dict(inner) or (isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values())):
-            state = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-            return state, name, tuple(c for c in present if c != name), extras
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if tensors:
-        return tensors, None, (), extras
-    raise CheckpointError(
-        path, "holds no tensors (top-level keys: %s)" % ", ".join(map(str, list(obj)[:8])),
-        "Point cachectl at a file with model weights.",
-    )
+    found = unwrap(obj, ema, torch.Tensor)
+    if found is None:
+        raise CheckpointError(
+            path, "holds no tensors (top-level keys: %s)" % ", ".join(map(str, list(obj)[:8])),
+            "Point cachectl at a file with model weights.",
+        )
+    return found
 
 
 def _read_snapshot(folder: Path, ema: bool) -> Checkpoint:
