@@ -26,10 +26,8 @@ owner keeps everything private.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import shutil
 import stat
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -40,6 +38,9 @@ from . import locks
 from .errors import CachectlError, NoSpaceError
 from .regular import open_regular
 from .tempnames import temp_name, temp_path
+
+# hashlib and shutil (with the compressors it imports) are imported where a file is hashed
+# or a folder removed: a fifth of the start-up of `list`, which does neither
 
 FORMAT = 1
 TAG_NAME = "CACHEDIR.TAG"
@@ -132,6 +133,8 @@ class Publication:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -320,6 +323,8 @@ class Store:
             raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.")
 
     def _lock_path(self, name: str) -> Path:
+        import hashlib
+
         return self.locks / ("%s.lock" % hashlib.sha1(name.encode()).hexdigest()[:20])
 
     @contextmanager
@@ -362,6 +367,8 @@ class Store:
         """Copy `path` into the blobs, hashing as it goes; (sha256, size). Same bytes: no copy."""
         self.mkdir(self.blobs)
         tmp = self.blobs / temp_name("ingest")
+        import hashlib
+
         h = hashlib.sha256()
         size = 0
         zero = bytes(CHUNK)
@@ -501,6 +508,8 @@ class Store:
     def remove_env(self, name: str) -> None:
         (self.envs / ("%s.json" % name)).unlink(missing_ok=True)
         (self.pins / ("%s.json" % name)).unlink(missing_ok=True)
+        import shutil
+
         shutil.rmtree(self.links / name, ignore_errors=True)
 
     def all_publications(self) -> list[Publication]:

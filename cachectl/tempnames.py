@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,8 @@ class TempName:
 
 def this_host() -> str:
     """This host's name as temporaries carry it: letters, digits, `.`, `-` and `_` only."""
+    import socket  # here: a command that writes nothing never needs it
+
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
 
 
