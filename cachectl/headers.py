@@ -70,7 +70,8 @@ class Hints:
 
 @dataclass(frozen=True)
 class Header:
-    """What cachectl/reader.py's Checkpoint says of a file, but its tensors: identification's input."""
+    """What a checkpoint's headers say of it: identification's input (cachectl/reader.py's
+    Checkpoint adds the tensors themselves)."""
 
     path: Path  # what the user named: a file or an HF snapshot folder
     weights: Path  # the file the tensors are in

@@ -23,7 +23,7 @@ import torch
 
 from .errors import CheckpointError, UnsafeCheckpointError
 # what needs no torch is shared with the header reader that `inspect` uses
-from .headers import SAFETENSORS_HEADER_LIMIT, Hints, NotPlain, TensorRecord, unwrap, zip_records
+from .headers import SAFETENSORS_HEADER_LIMIT, Header, Hints, NotPlain, TensorRecord, unwrap, zip_records
 from .headers import merge_hints as _merge_hints
 from .headers import repo_id as _repo_id
 from .headers import strip_prefixes as _strip_prefixes
@@ -47,24 +47,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    path: Path  # what the user named: a file or an HF snapshot folder
-    weights: Path  # the file the tensors are in
-    format: str  # safetensors | torch-zip | torch-legacy
-    layout: Layout
-    tensors: Mapping[str, torch.Tensor] = field(repr=False, compare=False)
-    container: str | None = None  # the key the state dict was found under
-    other_containers: tuple[str, ...] = ()  # e.g. the EMA copy that was not used
-    stripped_prefix: str = ""
-    hints: Hints = field(default_factory=Hints)
-    metadata: Mapping[str, str] = field(default_factory=dict)
+class Checkpoint(Header):
+    """A checkpoint as its header describes it, with its tensors, mapped from the file."""
+
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     # offset in `weights` where a tensor's bytes lie unchanged, None if they do not
     # (so a writer can have the kernel copy them); tensors are never modified in place
     span: Callable[[torch.Tensor], int | None] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def size(self) -> int:
-        return self.weights.stat().st_size
 
 
 def read(path: str | os.PathLike, *, ema: bool = True) -> Checkpoint:
