@@ -61,7 +61,8 @@ class Manifests(Mapping[str, T], Generic[T]):
 
     def __init__(self, cls: type[T], key: str, columns: dict[str, list]):
         self._cls, self._columns = cls, columns
-        self._at = {k: i for i, k in enumerate(columns[key])}  # a repeated key: the last one, as a dict
+        self._keys = columns[key]
+        self._at = {k: i for i, k in enumerate(self._keys)}  # a repeated key: the last one, as a dict
         self._made: dict[str, T] = {}
         self._every: list[list] | None = None  # every column, in field order, once a whole value is read
 
@@ -86,6 +87,8 @@ class Manifests(Mapping[str, T], Generic[T]):
     def column(self, field: str) -> dict[str, object]:
         """One field of every value, by key, without making the values."""
         col = self._columns[field]
+        if len(self._at) == len(self._keys):  # no key repeated (a copied manifest repeats one)
+            return dict(zip(self._keys, col))
         return {k: col[i] for k, i in self._at.items()}
 
 
