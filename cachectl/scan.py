@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, fields
 from itertools import accumulate
 from types import MappingProxyType
-from typing import Callable, Generic, Iterator, Mapping, TypeVar
+from typing import Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 
 from .errors import CachectlError
 from .store import (FORMAT, Converted, Environment, Link, Publication, Source, Store, Version, _converted,
@@ -92,13 +92,66 @@ class Manifests(Mapping[str, T], Generic[T]):
         return {k: col[i] for k, i in self._at.items()}
 
 
+class Values(Sequence[T], Generic[T]):
+    """Manifest values in order (folder after folder, then by `order`), each made when first
+    read; `column` reads one field of every value without making them."""
+
+    def __init__(self, cls: type[T], parts: list[Mapping[str, list]], order: Callable[[Values], list[int]] | None = None):
+        self._cls, self._parts = cls, parts
+        self._fields = _field_names(cls)
+        self._joined: dict[str, list] = {}
+        self._made: dict[int, T] = {}
+        self._order: list[int] | None = None
+        if order is not None:
+            at = order(self)  # of the values as they are read
+            self._joined.clear()
+            self._order = None if at == list(range(len(at))) else at
+
+    def column(self, field: str) -> list:
+        col = self._joined.get(field)
+        if col is None:
+            col = [v for part in self._parts for v in part[field]] if len(self._parts) != 1 else self._parts[0][field]
+            if self._order is not None:
+                col = [col[i] for i in self._order]
+            self._joined[field] = col
+        return col
+
+    def __len__(self) -> int:
+        return len(self.column(self._fields[0]))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(len(self))))
+        if i < 0:
+            i += len(self)
+        value = self._made.get(i)
+        if value is None:
+            if not 0 <= i < len(self):
+                raise IndexError(i)
+            value = self._made[i] = self._cls(*[self.column(f)[i] for f in self._fields])
+        return value
+
+    def __iter__(self) -> Iterator[T]:
+        return map(self.__getitem__, range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _by_name_and_version(versions: Values) -> list[int]:
+    names, numbers = versions.column("name"), versions.column("version")
+    return sorted(range(len(names)), key=lambda i: (names[i], numbers[i]))
+
+
 @dataclass(frozen=True)
 class Snapshot:
     envs: tuple[Environment, ...]  # registered (the default one once it was first used)
     sources: Manifests[Source]  # by sha256
     converted: Manifests[Converted]  # by id
-    versions: tuple[Version, ...]  # by name, then version
-    links: tuple[Link, ...]
+    versions: Values[Version]  # by name, then version
+    links: Values[Link]
     pins: Mapping[str, Mapping[str, int]]  # env -> name -> version
     publications: tuple[Publication, ...]
     views: Mapping[str, Mapping]  # env -> its view.json
@@ -169,13 +222,11 @@ def _scan(store: Store) -> Snapshot:
                                                           lambda r, _: [_source(r)]))
     converted = Manifests(Converted, "id", index.manifests(store.converted, "converted", "a converted manifest",
                                                            lambda r, _: [_converted(r)]))
-    versions = list(map(Version, *index.manifests(store.names, "version", "a name's versions",
-                                                  lambda r, name: [Version(name=name, **v) for v in r["versions"]]
-                                                  ).values()))
-    links: list[Link] = []
-    for env in sorted(_dirs(str(store.links))):
-        links += map(Link, *index.manifests(store.links / env, "link", "a link",
-                                            lambda r, _: [Link(**_fields(r))]).values())
+    versions = Values(Version, [index.manifests(store.names, "version", "a name's versions",
+                                                lambda r, name: [Version(name=name, **v) for v in r["versions"]])],
+                      _by_name_and_version)
+    links = Values(Link, [index.manifests(store.links / env, "link", "a link", lambda r, _: [Link(**_fields(r))])
+                          for env in sorted(_dirs(str(store.links)))])
     envs = each(str(store.envs), "an environment", lambda r, _: Environment(**_fields(r)))
     pins = dict(each(str(store.pins), "pins", lambda r, name: (name, MappingProxyType(dict(_pins(r))))))
     publications: list[Publication] = []
@@ -194,8 +245,7 @@ def _scan(store: Store) -> Snapshot:
     index.save()
     return Snapshot(
         envs=tuple(sorted(envs, key=lambda e: e.name)), sources=sources,
-        converted=converted, versions=tuple(sorted(versions, key=lambda v: (v.name, v.version))),
-        links=tuple(links), pins=MappingProxyType(pins), publications=tuple(publications),
+        converted=converted, versions=versions, links=links, pins=MappingProxyType(pins), publications=tuple(publications),
         views=MappingProxyType(views), linked=frozenset(linked), blobs=tuple(blobs), leftovers=tuple(sorted(leftovers)),
         warnings=tuple(warnings))
 
