@@ -547,7 +547,8 @@ class Cache:
         return scan(self.store)
 
     def rows(self, env: str | None = None, snapshot: Snapshot | None = None) -> list[Row]:
-        """One row per version; with `env`, as that environment sees it (its copies, its pins)."""
+        """One row per version, by name then version; with `env`, as that environment sees it
+        (its copies, its pins)."""
         snap = snapshot or self.scan()
         sources, converted = snap.sources, snap.converted
         envs = [e for e in self._with_default(snap.envs) if env is None or e.name == env]
@@ -639,7 +640,8 @@ class Cache:
         version = self.find_version(ref)
         source = snap.sources.get(version.source)
         envs = self._with_default(snap.envs)
-        links = {l.env: l for l in snap.links if l.source == version.source}
+        links = {snap.links[i].env: snap.links[i]
+                 for i, source in enumerate(snap.links.column("source")) if source == version.source}
         out = {
             "name": version.name, "version": version.ref, "added": version.added, "origin": version.origin,
             "source": dataclasses.asdict(source) if source else None, "blob": str(self.store.blob_path(version.source)),

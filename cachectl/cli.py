@@ -440,9 +440,9 @@ def list_(ctx: click.Context, pattern: str | None, env: str | None, quiet: bool,
     _warn(snap.warnings)
     if pattern:
         rows = [r for r in rows if fnmatchcase(r.name, pattern) or fnmatchcase(r.ref, pattern)]
-    key = {"name": lambda r: (r.name, r.version), "age": lambda r: -r.created, "size": lambda r: -r.size,
-           "state": lambda r: (r.state, r.name, r.version)}[sort_by]
-    rows.sort(key=key)
+    if sort_by != "name":  # rows come by name
+        rows.sort(key={"age": lambda r: -r.created, "size": lambda r: -r.size,
+                       "state": lambda r: (r.state, r.name, r.version)}[sort_by])
     if as_json:
         _emit_json([r.to_json() for r in rows])
         return

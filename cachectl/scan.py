@@ -101,6 +101,7 @@ class Values(Sequence[T], Generic[T]):
         self._fields = _field_names(cls)
         self._joined: dict[str, list] = {}
         self._made: dict[int, T] = {}
+        self._every: list[T] | None = None  # every value, once they are all read
         self._order: list[int] | None = None
         if order is not None:
             at = order(self)  # of the values as they are read
@@ -122,6 +123,8 @@ class Values(Sequence[T], Generic[T]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return tuple(self[j] for j in range(*i.indices(len(self))))
+        if self._every is not None:
+            return self._every[i]
         if i < 0:
             i += len(self)
         value = self._made.get(i)
@@ -132,7 +135,9 @@ class Values(Sequence[T], Generic[T]):
         return value
 
     def __iter__(self) -> Iterator[T]:
-        return map(self.__getitem__, range(len(self)))
+        if self._every is None:
+            self._every = list(map(self._cls, *[self.column(f) for f in self._fields]))
+        return iter(self._every)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and tuple(self) == tuple(other)
@@ -141,8 +146,8 @@ class Values(Sequence[T], Generic[T]):
 
 
 def _by_name_and_version(versions: Values) -> list[int]:
-    names, numbers = versions.column("name"), versions.column("version")
-    return sorted(range(len(names)), key=lambda i: (names[i], numbers[i]))
+    keys = list(zip(versions.column("name"), versions.column("version")))
+    return sorted(range(len(keys)), key=keys.__getitem__)
 
 
 @dataclass(frozen=True)
