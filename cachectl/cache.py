@@ -561,7 +561,7 @@ class Cache:
         for at, (link_env, source) in enumerate(zip(snap.links.column("env"), snap.links.column("source"))):
             if link_env in links:
                 links[link_env][source] = at
-        env_links = [(e, links[e.name]) for e in envs]
+        env_links = [(e.name, e.timm, links[e.name]) for e in envs]
         link_timm, link_error = snap.links.column("timm"), snap.links.column("error")
         link_converted = snap.links.column("converted")
         pinned_in: dict[tuple[str, int], list[str]] = {}  # (name, version) -> the environments pinning it
@@ -578,14 +578,14 @@ class Cache:
         have_in, error_of, state_of = [], [], []
         for sha, error in zip(shas, map(source_error.get, shas)):
             have, errors, waiting = [], [], False
-            for e, of_env in env_links:
+            for env_name, timm, of_env in env_links:
                 at = of_env.get(sha)
-                if at is None or link_timm[at] != e.timm:
+                if at is None or link_timm[at] != timm:
                     waiting = True
                 elif link_error[at]:
-                    errors.append("%s: %s" % (e.name, link_error[at]))
+                    errors.append("%s: %s" % (env_name, link_error[at]))
                 elif link_converted[at] in converted_ids:
-                    have.append(e.name)
+                    have.append(env_name)
             error = error or ("; ".join(errors) or None)
             have_in.append(tuple(have))
             error_of.append(error)

@@ -181,9 +181,8 @@ class Snapshot:
     def converted_size(self) -> Mapping[str, int]:
         """Bytes of converted copies of each source."""
         out: dict[str, int] = defaultdict(int)
-        sizes = self.converted.column("size")
-        for cid, source in self.converted.column("source").items():
-            out[source] += sizes[cid]
+        for source, size in zip(self.converted.column("source").values(), self.converted.column("size").values()):
+            out[source] += size
         return out
 
 
