@@ -49,22 +49,55 @@ _USER_ERRNOS = {
 }
 
 
+SPINNER_AFTER = 0.5  # seconds: a step done sooner shows no spinner
+
+
 @contextmanager
 def _spinner(text: str, hidden: bool = False) -> Iterator[Callable[[str], None]]:
-    """A transient spinner on stderr while a step may take seconds; yields a renamer."""
+    """A transient spinner on stderr while a step takes more than SPINNER_AFTER; yields a
+    renamer."""
     # --json, a pipe or a file: not even rich's import, which a quick command's budget cannot
     # afford; there a spinner would only leave a blank line before the answer
     if hidden or not sys.stderr.isatty():
         yield lambda what: None
         return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn
+    import threading
 
-    console = Console(stderr=True, markup=False, highlight=False)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
-                  disable=not console.is_terminal, console=console) as bar:
-        task = bar.add_task(text)
-        yield lambda what: bar.update(task, description=what)
+    # started late, from a timer: a quick step (list, inspect, path) at a terminal pays
+    # neither rich's import nor a drawing thread beside it, two fifths of list's time there
+    lock = threading.Lock()
+    shown: dict = {"text": text, "bar": None, "task": None, "over": False}
+
+    def show() -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn
+
+        with lock:
+            if shown["over"]:
+                return
+            console = Console(stderr=True, markup=False, highlight=False)
+            bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), transient=True,
+                           disable=not console.is_terminal, console=console)
+            bar.start()
+            shown.update(bar=bar, task=bar.add_task(shown["text"]))
+
+    def rename(what: str) -> None:
+        with lock:
+            shown["text"] = what
+            if shown["bar"] is not None:
+                shown["bar"].update(shown["task"], description=what)
+
+    timer = threading.Timer(SPINNER_AFTER, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield rename
+    finally:
+        timer.cancel()
+        with lock:
+            shown["over"] = True
+            if shown["bar"] is not None:
+                shown["bar"].stop()
 
 
 def _warn(warnings) -> None:
