@@ -1,5 +1,6 @@
-"""One read of the whole store: every manifest once, as frozen values, and what could not be
-read as warnings (a damaged or newer-format file never hides the rest).
+"""One read of the whole store: every manifest once, as frozen values (each made when first
+read), and what could not be read as warnings (a damaged or newer-format file never hides
+the rest).
 
 `list`, `show`, `verify`, `rm` and the prune plan all start from a `Snapshot`.
 
@@ -59,7 +60,7 @@ class Manifests(Mapping[str, T], Generic[T]):
     fields of every entry: making 10,000 frozen values of 13 fields it never reads whole cost
     more than reading the index they come from."""
 
-    def __init__(self, cls: type[T], key: str, columns: dict[str, list]):
+    def __init__(self, cls: type[T], key: str, columns: Mapping[str, list]):
         self._cls, self._columns = cls, columns
         self._keys = columns[key]
         self._at = {k: i for i, k in enumerate(self._keys)}  # a repeated key: the last one, as a dict
@@ -96,7 +97,8 @@ class Values(Sequence[T], Generic[T]):
     """Manifest values in order (folder after folder, then by `order`), each made when first
     read; `column` reads one field of every value without making them."""
 
-    def __init__(self, cls: type[T], parts: list[Mapping[str, list]], order: Callable[[Values], list[int]] | None = None):
+    def __init__(self, cls: type[T], parts: list[Mapping[str, list]],
+                 order: Callable[[Values], list[int]] | None = None):
         self._cls, self._parts = cls, parts
         self._fields = _field_names(cls)
         self._joined: dict[str, list] = {}
@@ -249,7 +251,8 @@ def _scan(store: Store) -> Snapshot:
     index.save()
     return Snapshot(
         envs=tuple(sorted(envs, key=lambda e: e.name)), sources=sources,
-        converted=converted, versions=versions, links=links, pins=MappingProxyType(pins), publications=tuple(publications),
+        converted=converted, versions=versions, links=links, pins=MappingProxyType(pins),
+        publications=tuple(publications),
         views=MappingProxyType(views), linked=frozenset(linked), blobs=tuple(blobs), leftovers=tuple(sorted(leftovers)),
         warnings=tuple(warnings))
 
