@@ -498,3 +498,34 @@ def test_env_rm_frees_what_only_it_loaded(root, tmp_path):
     assert not only_old.exists() and default.is_file()
     assert json.loads(cli("verify", "--json").output) == {"ok": True, "problems": []}
     assert rows()["levit@1"]["environments"] == ["default"]
+
+
+def _at_a_terminal(root, code: str) -> str:
+    """What a cachectl process run by `code` writes to its stderr when that is a terminal."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.run([sys.executable, "-c", code, "list"], stdout=subprocess.DEVNULL, stderr=secondary,
+                          env=dict(os.environ, CACHECTL_ROOT=str(root)), timeout=120)
+    os.close(secondary)
+    assert proc.returncode == 0
+    seen = b""
+    try:
+        while chunk := os.read(primary, 65536):
+            seen += chunk
+    except OSError:  # the terminal's other side is closed: all is read
+        pass
+    os.close(primary)
+    return seen.decode(errors="replace")
+
+
+def test_a_quick_command_at_a_terminal_draws_no_spinner_and_a_slow_step_does(root):
+    from benchmarks.store_scan import build
+
+    build(root, 20)
+    run = "import sys; sys.argv[0] = 'cachectl'; import cachectl.cli as c; %s; c.main()"
+    assert "reading the store" not in _at_a_terminal(root, run % "pass")
+    # a step that outlasts SPINNER_AFTER is shown while it runs (this one: a second longer)
+    slow = ("c.SPINNER_AFTER = 0.1; import time, cachectl.cache as k; scan = k.Cache.scan; "
+            "k.Cache.scan = lambda self: time.sleep(1) or scan(self)")
+    assert "reading the store" in _at_a_terminal(root, run % slow)
