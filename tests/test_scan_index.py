@@ -147,6 +147,12 @@ def test_damaged_and_newer_manifests_warn_on_every_scan_and_a_damaged_index_is_r
     head = (store.base / INDEX_NAME).read_text().split("\n")[0]  # then one line per field of the values
     assert json.loads(head)["folders"]["store-v1/sources"]["kind"] == "source"
 
+    # an index of the layout before (one JSON document, values inline) is rebuilt, not misread
+    (store.base / INDEX_NAME).write_text(json.dumps({"format": 1, "index": 1, "folders": {}}))
+    assert scan(Store(root)).warnings == warned
+    head = (store.base / INDEX_NAME).read_text().split("\n")[0]
+    assert json.loads(head)["index"] == scan_module.INDEX_LAYOUT
+
 
 def test_a_field_damaged_in_the_index_is_one_line_naming_it(root):
     """The index's values are parsed when first read, after the scan chose the index: a line
