@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -101,6 +102,13 @@ def identify(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None) ->
     return tag
 
 
+# The last answer of find, for the same checkpoint object, catalog and question: the daemon
+# identifies a file when it is added, then again in each environment's conversion (about
+# 10 ms each time), always of the one checkpoint it read. Held weakly: never what keeps a
+# mapped file open.
+_LAST: list = [None]
+
+
 def find(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None,
          prefixes: tuple[str, ...] | None = None) -> Found:
     """Every timm model in the checkpoint: the whole state dict, else under prefixes.
@@ -109,6 +117,15 @@ def find(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None,
     are looked for: the whole state dict (exactly, else in part), then every prefix up to
     PREFIX_DEPTH deep, outermost first.
     """
+    last = _LAST[0]
+    if last is not None and last[0]() is ckpt and last[1]() is catalog and last[2] == (model, prefixes):
+        return last[3]
+    found = _find(ckpt, catalog, model, prefixes)
+    _LAST[0] = (weakref.ref(ckpt), weakref.ref(catalog), (model, prefixes), found)
+    return found
+
+
+def _find(ckpt: Checkpoint, catalog: Catalog, model: str | None, prefixes: tuple[str, ...] | None) -> Found:
     layout = ckpt.layout
     if not layout.tensors:
         raise IdentifyError(ckpt.path, "holds no tensors", "Point cachectl at a file with model weights.")
