@@ -165,6 +165,13 @@ def _spanner(base: int, size: int) -> Callable[[torch.Tensor], int | None]:
     return span
 
 
+def _map(via: Path, size: int) -> torch.Tensor:
+    """The file's bytes, mapped privately: pages are read when touched, never written back."""
+    if not size:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size))
+
+
 def _mapped_zip(via: Path, size: int) -> tuple[Any, int] | None:
     """The object in a torch zip file with its tensors mapped from the file, and the
     address the file is mapped at; None when only torch's own loader can say.
@@ -183,7 +190,7 @@ def _mapped_zip(via: Path, size: int) -> tuple[Any, int] | None:
     if any(d is None for d in dtypes.values()) or any(
             s.offset % dtypes[s.dtype].itemsize or s.offset + s.nbytes > size for s in stored.values()):
         return None  # unaligned or past the end: torch copies or refuses
-    raw = torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size))
+    raw = _map(via, size)
     typed = {key: raw[s.offset:s.offset + s.nbytes].view(dtypes[s.dtype])
              for key, s in stored.items()}
 
@@ -270,10 +277,7 @@ def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tens
             path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + end),
             "Copy the file again from its source; if a copy is still running, wait for it to finish.",
         )
-    storage = torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size) if size else None
-    raw_bytes = torch.empty(0, dtype=torch.uint8)
-    if storage is not None:
-        raw_bytes = torch.tensor([], dtype=torch.uint8).set_(storage)
+    raw_bytes = _map(via, size)
     tensors = {}
     for key, info in header.items():
         dtype = _ST_DTYPES[info["dtype"]]
@@ -282,7 +286,7 @@ def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tens
         if begin % dtype.itemsize:
             chunk = chunk.clone()  # unaligned: only a copy can be viewed as a wider dtype
         tensors[key] = chunk.view(dtype).reshape(info["shape"])
-    base = raw_bytes.data_ptr() if storage is not None else None
+    base = raw_bytes.data_ptr() if size else None
     return tensors, {str(k): str(v) for k, v in metadata.items()}, base
 
 
