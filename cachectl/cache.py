@@ -466,15 +466,19 @@ class Cache:
                 cid += "-" + hashlib.sha1(said.encode()).hexdigest()[:8]
             with self.store.lock("converted:" + cid):
                 if not self._converted_ok(cid):
+                    recipe = None
                     if prepared.unchanged:
                         # the stored source is already the answer: linked, not copied
                         digest, size = self.store.link_blob(source.sha256, CONVERTED_SUFFIX), source.size
                         model, steps = prepared.model, prepared.attempt.steps + ("the stored source itself, linked",)
                     else:
+                        if ckpt.weights != self.store.blob_path(source.sha256):
+                            raise AssertionError("a recipe names the stored source's bytes, not %s" % ckpt.weights)
                         tmp = self.store.new_tmp(".safetensors")
                         try:
                             result = write_prepared(prepared, tmp, source.sha256, sync_folder=False)
-                            digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX, result.output_sha256)
+                            recipe = result.recipe.as_json()
+                            digest, size = self.store.publish_blob(tmp, CONVERTED_SUFFIX, result.recipe.name(source.sha256))
                         finally:
                             tmp.unlink(missing_ok=True)
                         model, steps = result.model, result.steps
@@ -482,7 +486,7 @@ class Cache:
                         id=cid, source=source.sha256, target_layout=prepared.target_layout,
                         target_timm=prepared.target_timm, model=model.name,
                         model_kwargs=dict(model.kwargs), sha256=digest, size=0 if prepared.unchanged else size,
-                        created=time.time(), steps=steps,
+                        created=time.time(), steps=steps, recipe=recipe,
                     ))
             return Link(env.name, source.sha256, env.timm, cid, None, time.time())
         except CachectlError as exc:
@@ -672,23 +676,29 @@ class Cache:
         versions = [self.find_version(r) for r in refs] if refs else snap.versions
         shas = {v.source for v in versions}
         converted = [c for c in snap.converted.values() if c.source in shas]
+        damaged = set()
         for sha in sorted(shas):
             if progress:
                 progress(sha)
-            problems += self._check_blob(self.store.blob_path(sha), sha, "source of %s" % ", ".join(v.ref for v in versions if v.source == sha))
+            found = self._check_blob(self.store.blob_path(sha), sha, "source of %s" % ", ".join(v.ref for v in versions if v.source == sha))
+            damaged.update([sha] if found else [])
+            problems += found
         envs = {e.name: e for e in self.environments()}
         for c in converted:
-            problems += self._check_blob(self.store.converted_path(c), c.sha256, "converted %s" % c.id)
+            found = (self._check_blob(self.store.converted_path(c), c.sha256, "converted %s" % c.id)
+                     if c.recipe is None else self._check_recipe(c, c.source in damaged))
+            problems += found
+            if found:
+                continue  # a damaged file is damaged: whether it loads says no more
             for link in snap.links:
                 if link.converted != c.id or link.env not in envs or link.timm != envs[link.env].timm:
                     continue
                 spec = self.target(envs[link.env]).describe(c.model, c.model_kwargs)
                 path = self.store.converted_path(c)
-                if path.exists():
-                    mismatch = strict_check(read(path).tensors, spec.layout)
-                    if not mismatch.ok:
-                        problems.append("%s: no longer loads strictly into %s in %s: %s" % (
-                            path, c.model, link.env, mismatch.describe()))
+                mismatch = strict_check(read(path).tensors, spec.layout)
+                if not mismatch.ok:
+                    problems.append("%s: no longer loads strictly into %s in %s: %s" % (
+                        path, c.model, link.env, mismatch.describe()))
         return problems
 
     def _check_blob(self, path: Path, sha: str, what: str) -> list[str]:
@@ -696,6 +706,30 @@ class Cache:
             return ["%s (%s): missing" % (path, what)]
         actual = sha256_file(path)
         return [] if actual == sha else ["%s (%s): damaged, its sha256 is now %s" % (path, what, actual)]
+
+    def _check_recipe(self, c: Converted, source_damaged: bool) -> list[str]:
+        """A converted file named by its recipe, proven against its source, whose own
+        sha256 verify checks first."""
+        from .safetensors_io import Recipe, check_recipe
+
+        path, source = self.store.converted_path(c), self.store.blob_path(c.source)
+        what = "converted %s" % c.id
+        if not path.exists():
+            return ["%s (%s): missing" % (path, what)]
+        manifest = self.store.converted / ("%s.json" % c.id)
+        try:
+            recipe = Recipe.from_json(c.recipe)
+            if recipe.name(c.source) != c.sha256:
+                raise ValueError("it does not give the file's name")
+        except ValueError as exc:
+            return ["%s: the recipe of %s is damaged (%s); remove the manifest and the file is converted again "
+                    "when next used" % (manifest, path, exc)]
+        if source_damaged or not source.exists():
+            # its bytes may well be right: they were copied while the source was whole
+            return ["%s (%s): cannot be checked while its source %s is %s" % (
+                path, what, source, "damaged" if source_damaged else "missing")]
+        wrong = check_recipe(path, recipe, source)
+        return [] if wrong is None else ["%s (%s): damaged, %s" % (path, what, wrong)]
 
     # -- views ---------------------------------------------------------------------------------
 

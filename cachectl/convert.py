@@ -25,7 +25,7 @@ from .errors import NoPlanError, TargetError, few
 from .identify import Tag, find, math_agrees, part_of
 from .layout import Layout, layout_id
 from .reader import Checkpoint, read
-from .safetensors_io import write
+from .safetensors_io import Recipe, write
 from .store import sha256_file
 from .target import ModelSpec, Target
 
@@ -87,7 +87,7 @@ class Conversion:
     other_containers: tuple[str, ...] = ()
     parts: tuple[Part, ...] = ()  # a wrapped checkpoint: each timm model in it
     passthrough: int = 0  # keys outside every timm model, written back unchanged
-    output_sha256: str | None = None  # the output's own sha256, when it was computed while writing
+    recipe: Recipe | None = None  # how the output is made of the source, given the source's sha256
     kernel_copies: int = 0  # stretches of the source copied by the kernel, not through this process
 
 
@@ -542,9 +542,8 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
     """Write the planned result as safetensors with its provenance in the metadata.
 
     Given `source_sha256` (the store hashed the source when it took it in), the source is
-    not hashed again and the output's own sha256 is computed while it is written, so the
-    store need not read it back; without it, the source is hashed on the other core while
-    the output is written. `sync_folder=False`: the caller renames the file again and
+    not hashed again and the output's recipe is returned, which names it without reading
+    it back; without it, the source is hashed on the other core while the output is written. `sync_folder=False`: the caller renames the file again and
     syncs the folder it lands in."""
     ckpt, tag, choice = prepared.ckpt, prepared.tag, prepared.model
     metadata = {
@@ -566,7 +565,7 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
     state = prepared.attempt.state
     if source_sha256 is not None:
         metadata["cachectl.source_sha256"] = source_sha256
-        written = write(output, state, metadata, source=ckpt.weights, span=ckpt.span, digest=True,
+        written = write(output, state, metadata, source=ckpt.weights, span=ckpt.span, recipe=True,
                         sync_folder=sync_folder)
         digest = source_sha256
     else:
@@ -579,7 +578,7 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
         source=ckpt.path, output=output, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
         target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=written.size,
         container=ckpt.container, other_containers=ckpt.other_containers, parts=prepared.parts,
-        passthrough=len(prepared.passthrough), output_sha256=written.sha256, kernel_copies=written.copies,
+        passthrough=len(prepared.passthrough), recipe=written.recipe, kernel_copies=written.copies,
     )
 
 

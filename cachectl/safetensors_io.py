@@ -9,6 +9,13 @@ one copy of its whole data region. Only tensors made in memory (filled buffers, 
 of a migration that computes) are written from this process. safetensors itself wants
 the data region covered by the tensors without gaps, which this layout keeps, in any
 order of names.
+
+A file written from a source can be named by its recipe instead of its bytes (`Recipe`):
+the header's sha256, each run copied from the source as its offset and size, and the
+sha256 of each run written from memory. With the source's own sha256 that fixes every byte
+of the output, so the output is never hashed: hashing it ran at the speed of the kernel's
+copy and was the whole cost a conversion had over a copy. `check_recipe` proves a file
+against its recipe by comparing it with the source.
 """
 from __future__ import annotations
 
@@ -35,10 +42,40 @@ DEFERRED_WIDTH = 64
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a file is made from one source: `runs` in the order they follow the header, each
+    (offset in the source, size) for bytes copied from it, or (sha256, size) for bytes
+    written from memory."""
+
+    header: str  # sha256 of the header bytes (length and JSON)
+    runs: tuple[tuple[int | str, int], ...]
+
+    def name(self, source_sha256: str) -> str:
+        """The sha256 of the recipe with its source: equal names, equal bytes."""
+        return hashlib.sha256(_canonical({"source": source_sha256, **self.as_json()})).hexdigest()
+
+    def as_json(self) -> dict:
+        return {"header": self.header, "runs": [list(r) for r in self.runs]}
+
+    @classmethod
+    def from_json(cls, raw) -> "Recipe":
+        """The recipe a manifest holds; ValueError unless it has the shape `as_json` writes."""
+        try:
+            header, runs = raw["header"], tuple((at, size) for at, size in raw["runs"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError("not a recipe (%s)" % exc) from None
+        if not _is_sha256(header) or not all(
+                type(size) is int and size >= 0 and (_is_sha256(at) or (type(at) is int and at >= 0)) for at, size in runs):
+            raise ValueError("not a recipe: a field of the wrong type")
+        return cls(header, runs)
+
+
+@dataclass(frozen=True)
 class Written:
     size: int  # bytes in the file
     sha256: str | None  # of the whole file, when asked for; computed while it was written
     copies: int  # kernel copies made: 1 for a safetensors file whose tensors were only renamed
+    recipe: Recipe | None = None  # when asked for
 
 
 @dataclass(frozen=True)
@@ -60,6 +97,7 @@ def write(
     source: Path | None = None,
     span: Callable[[torch.Tensor], int | None] | None = None,
     digest: bool = False,
+    recipe: bool = False,
     sync_folder: bool = True,
 ) -> Written:
     """Write `tensors` to `path`. Memory: one tensor at a time, only for tensors not in `source`.
@@ -67,12 +105,13 @@ def write(
     `span(t)` gives the offset in `source` where t's bytes lie unchanged, or None.
     `digest`: also return the file's sha256, hashed on another thread while the kernel
     copies (from the source's bytes, which are the output's), so the output is never read
-    back. `sync_folder=False` leaves the folder's fsync to a caller that renames the file
+    back. `recipe`: also return the file's recipe (only the header and the runs from memory
+    are hashed). `sync_folder=False` leaves the folder's fsync to a caller that renames the file
     again (the store does, into its final folder).
     """
     deferred = deferred or {}
-    if digest and deferred:
-        raise ValueError("a file with deferred metadata has no digest until it is written")
+    if (digest or recipe) and deferred:
+        raise ValueError("a file with deferred metadata has no digest or recipe until it is written")
     meta = {**metadata, **{k: "0" * DEFERRED_WIDTH for k in deferred}}
     for key, t in tensors.items():
         if t.dtype not in ST_NAMES:
@@ -96,6 +135,8 @@ def write(
         tmp = temp_path(path)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             hashing = pool.submit(_sha256, head, runs, tensors, src_fd) if digest else None
+            # a few MB at most: filled buffers and what a migration computed
+            recipe_of = pool.submit(_recipe, head, runs, tensors) if recipe else None
             try:
                 # unbuffered: kernel copies move the file offset underneath any buffer
                 with open(tmp, "wb", buffering=0) as f:
@@ -110,6 +151,7 @@ def write(
                         _write_all(f, final)
                     os.fsync(f.fileno())
                 sha = hashing.result() if hashing else None
+                made = recipe_of.result() if recipe_of else None
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -119,7 +161,7 @@ def write(
             os.close(src_fd)
     if sync_folder:
         _fsync_dir(path.parent)
-    return Written(len(head) + offset, sha, copies)
+    return Written(len(head) + offset, sha, copies, made)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -182,6 +224,68 @@ def _sha256(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor], 
             view.release()
             mapped.close()
     return h.hexdigest()
+
+
+def _recipe(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor]) -> Recipe:
+    made = []
+    for run in runs:
+        if run.at is not None:
+            made.append((run.at, run.size))
+        else:
+            h = hashlib.sha256()
+            for key in run.keys:
+                for block in _blocks(tensors[key], HASH_CHUNK):
+                    h.update(block)
+            made.append((h.hexdigest(), run.size))
+    return Recipe(hashlib.sha256(head).hexdigest(), tuple(made))
+
+
+def check_recipe(path: Path, recipe: Recipe, source: Path) -> str | None:
+    """Why the file at `path` is not what `recipe` makes of `source`, or None if it is.
+    The caller proves the source itself (by its sha256)."""
+    with open(path, "rb") as out, open(source, "rb") as src:
+        size = os.fstat(out.fileno()).st_size
+        (n,) = struct.unpack("<Q", out.read(8)) if size >= 8 else (size,)
+        if size < 8 or 8 + n > size:
+            return "its header is cut short"
+        out.seek(0)
+        if hashlib.sha256(out.read(8 + n)).hexdigest() != recipe.header:
+            return "its header differs from the one written"
+        want = 8 + n + sum(run_size for _, run_size in recipe.runs)
+        if size != want:
+            return "it is %d bytes, not the %d written" % (size, want)
+        at_out = 8 + n
+        for at, run_size in recipe.runs:
+            if isinstance(at, str):
+                h = hashlib.sha256()
+                for block in _chunks(out, run_size):
+                    h.update(block)
+                if h.hexdigest() != at:
+                    return "bytes %d to %d (written from memory) differ from those written" % (at_out, at_out + run_size)
+            else:
+                src.seek(at)
+                for block in _chunks(out, run_size):
+                    if src.read(len(block)) != block:
+                        return "bytes %d to %d differ from the source's at %d" % (at_out, at_out + run_size, at)
+            at_out += run_size
+    return None
+
+
+def _chunks(f, n: int):
+    while n > 0:
+        block = f.read(min(HASH_CHUNK, n))
+        if not block:
+            return
+        n -= len(block)
+        yield block
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _canonical(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _framed(header: dict) -> bytes:

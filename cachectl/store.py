@@ -1,6 +1,6 @@
 """The store on disk: the filesystem is the database.
 
-    <root>/store-v1/blobs/sha256/ab/<sha256>        immutable files, named by content
+    <root>/store-v1/blobs/sha256/ab/<sha256>        immutable files, named by content (or recipe)
     <root>/store-v1/sources/<sha256>.json            one manifest per ingested checkpoint
     <root>/store-v1/converted/<id>.json              one manifest per converted file
     <root>/store-v1/names/<name>.json                the versions of a name
@@ -13,9 +13,17 @@
 Every write goes to a hidden temporary in the destination folder, is fsynced and
 renamed into place, so readers never see half a file and a killed writer leaves only
 a `.tmp` that `cachectl prune` removes once its writer is gone (tempnames.py: the
-name says which host and process writes it). The format version is in the folder name and in
-every JSON file (`"format": 1`): a future layout gets a new folder and this one stays
-readable; a file of a newer format is reported, never misread.
+name says which host and process writes it). The layout's version is in the folder name; every
+JSON file says the format it needs (`"format": 1`, or 2 for a converted file named by its
+recipe, which an older cachectl would find "damaged" if it read it as named by content): a
+future layout gets a new folder and this one stays readable; a file of a newer format is
+reported, never misread.
+
+A converted file written from a source is named by its recipe (safetensors_io.Recipe: the
+source's sha256, the header and where each run of bytes comes from), not by the sha256 of
+its bytes: that hash cost as much as the copy itself. Its manifest keeps the name in
+`sha256`, so whatever finds blobs by that field (prune, views) reads both kinds alike, and
+the recipe beside it, which `verify` checks against the source.
 
 Shared by a group: the root's permissions are the store's. Under a root that is setgid
 and group-writable (`chgrp G ROOT; chmod 2775 ROOT`, or `cachectl init --group G`),
@@ -42,7 +50,10 @@ from .tempnames import temp_name, temp_path
 # hashlib and shutil (with the compressors it imports) are imported where a file is hashed
 # or a folder removed: a fifth of the start-up of `list`, which does neither
 
-FORMAT = 1
+LAYOUT = 1  # the folders: store-v1
+BASE_FORMAT = 1  # what every file needs, but a converted manifest named by its recipe
+RECIPE_FORMAT = 2
+FORMAT = RECIPE_FORMAT  # the newest file format this cachectl reads
 TAG_NAME = "CACHEDIR.TAG"
 # https://bford.info/cachedir/: the signature line is what backup tools look for
 TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# A cachectl store: converted timm checkpoints, remade on demand.\n"
@@ -85,6 +96,9 @@ class Converted:
     created: float
     steps: tuple[str, ...] = ()
     torch_sha256: str | None = None  # a torch-format copy, made for views of timm before 0.9
+    # how the file is made of its source (safetensors_io.Recipe.as_json), when `sha256` is
+    # the recipe's name; None: `sha256` is the file's own
+    recipe: dict | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)
@@ -142,8 +156,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _to_json(value) -> dict:
-    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}, "format": FORMAT}
+def _to_json(value, fmt: int = BASE_FORMAT) -> dict:
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}, "format": fmt}
 
 
 def _fields(raw: dict) -> dict:
@@ -169,7 +183,7 @@ class Modes:
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().absolute()
-        self.base = self.root / ("store-v%d" % FORMAT)
+        self.base = self.root / ("store-v%d" % LAYOUT)
         self.blobs = self.base / "blobs" / "sha256"
         self.sources = self.base / "sources"
         self.converted = self.base / "converted"
@@ -406,8 +420,9 @@ class Store:
         return digest, size
 
     def publish_blob(self, tmp: Path, suffix: str = "", digest: str | None = None) -> tuple[str, int]:
-        """Move a finished (fsynced) temporary file into the blobs under its hash, and sync
-        the folder it lands in. `digest`: its sha256, computed by its writer as it wrote."""
+        """Move a finished (fsynced) temporary file into the blobs under its name, and sync
+        the folder it lands in. `digest`: its name, from its writer (its sha256 computed as it
+        wrote, or its recipe's); by default its sha256, read here."""
         digest = digest or sha256_file(tmp)
         final = self.blob_path(digest, suffix)
         self.mkdir(final.parent)
@@ -452,7 +467,8 @@ class Store:
         return _source(raw) if raw else None
 
     def put_converted(self, c: Converted) -> None:
-        self.write_json(self.converted / ("%s.json" % c.id), _to_json(c))
+        raw = _to_json(c, RECIPE_FORMAT) if c.recipe else {k: v for k, v in _to_json(c).items() if k != "recipe"}
+        self.write_json(self.converted / ("%s.json" % c.id), raw)
 
     def get_converted(self, cid: str) -> Converted | None:
         raw = self.read_json(self.converted / ("%s.json" % cid))
@@ -483,7 +499,7 @@ class Store:
             path.unlink(missing_ok=True)
             return
         rows = [{"version": v.version, "source": v.source, "added": v.added, "origin": v.origin} for v in versions]
-        self.write_json(path, {"format": FORMAT, "versions": rows})
+        self.write_json(path, {"format": BASE_FORMAT, "versions": rows})
 
     def put_link(self, link: Link) -> None:
         self.write_json(self.links / link.env / ("%s.json" % link.source), _to_json(link))
@@ -517,13 +533,13 @@ class Store:
         return [Publication(**p) for p in raw["publications"]]
 
     def put_publications(self, publications: list[Publication]) -> None:
-        self.write_json(self.publications, {"format": FORMAT, "publications": [asdict(p) for p in publications]})
+        self.write_json(self.publications, {"format": BASE_FORMAT, "publications": [asdict(p) for p in publications]})
 
     def pins_of(self, env: str) -> dict[str, int]:
         return _pins(self.read_json(self.pins / ("%s.json" % env)))
 
     def put_pins(self, env: str, pins: dict[str, int]) -> None:
-        self.write_json(self.pins / ("%s.json" % env), {"format": FORMAT, "pins": pins})
+        self.write_json(self.pins / ("%s.json" % env), {"format": BASE_FORMAT, "pins": pins})
 
     def all_pins(self) -> dict[str, dict[str, int]]:
         return {p.stem: self.pins_of(p.stem) for p in sorted(self.pins.glob("*.json"))} if self.pins.is_dir() else {}

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 
 from . import pretrained
 from .catalog import Catalog, version_key
-from .store import FORMAT, Converted, Store
+from .store import Converted, Store
 from .tempnames import temp_path, writer_alive
 
 FORMAT = 1

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from cachectl.cache import Cache
 from cachectl.convert import convert
 from cachectl.errors import CachectlError
+from cachectl.safetensors_io import Recipe
 from cachectl.store import sha256_file
 from cachectl.target import Target
 
@@ -85,21 +86,93 @@ def test_dropped_and_filled_buffers_leave_every_other_tensor_as_it_was(target, t
         assert result.kernel_copies <= len(stale) + 1
 
 
-def test_the_store_names_a_converted_file_by_the_sha256_of_its_bytes(tmp_path):
-    state = _state("mobilenetv3_small_050")
-    src = tmp_path / "net.safetensors"
-    save_file({"module." + k: v for k, v in state.items()}, src)
+def _levit_without_counters(tmp_path):
+    """A levit saved with its batch counters left out: converting it copies the saved
+    tensors from the source and fills the counters from memory."""
+    state = _state("levit_128s")
+    kept = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert len(kept) < len(state)
+    src = tmp_path / "levit.safetensors"
+    save_file({"module." + k: v for k, v in kept.items()}, src)
+    return src, kept
 
+
+def _converted(cache, added):
+    (link,) = [lk for lk in added.links if lk.env == "default"]
+    converted = cache.store.get_converted(link.converted)
+    return converted, cache.store.converted_path(converted)
+
+
+def test_the_store_names_a_converted_file_by_its_recipe_never_reading_it_back(tmp_path, monkeypatch):
+    # hashing the output cost as much as the kernel's copy of it: the name is the sha256 of
+    # how the file is made of the stored source, which fixes every byte of it
+    from cachectl import safetensors_io
+
+    src, kept = _levit_without_counters(tmp_path)
+    made = []
+    for i in range(2):
+        with Cache(tmp_path / ("root%d" % i)) as cache:
+            hashed = []
+            monkeypatch.setattr(safetensors_io, "_sha256", lambda *a: hashed.append(a))
+            added = cache.add(src)
+            monkeypatch.undo()
+            converted, path = _converted(cache, added)
+            assert hashed == []  # no byte of the output hashed, none read back
+            recipe = Recipe.from_json(converted.recipe)
+            assert converted.sha256 == recipe.name(added.source.sha256) != sha256_file(path)
+            assert {type(at) for at, _ in recipe.runs} == {int, str}  # copied runs and filled counters
+            manifest = json.loads((cache.store.converted / ("%s.json" % converted.id)).read_text())
+            assert manifest["format"] == 2 and manifest["recipe"] == converted.recipe
+            loaded = _loads_strictly(path, {"name": converted.model, "kwargs": converted.model_kwargs})
+            assert all(torch.equal(loaded[k], v) for k, v in kept.items())
+            assert cache.verify() == []
+            made.append((converted.sha256, path.read_bytes()))
+    assert made[0] == made[1]  # another store, the same recipe: the same name and the same bytes
+
+
+def _flip(path, at: int) -> None:
+    path.chmod(0o644)  # blobs are read-only
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["header", "copied", "from memory", "cut short", "recipe"])
+def test_verify_finds_a_converted_file_that_its_recipe_does_not_make(tmp_path, damage):
+    src, _ = _levit_without_counters(tmp_path)
     with Cache(tmp_path / "root") as cache:
-        added = cache.add(src)
-        (link,) = [lk for lk in added.links if lk.env == "default"]
-        converted = cache.store.get_converted(link.converted)
-        path = cache.store.converted_path(converted)
-        assert sha256_file(path) == converted.sha256  # hashed while written, never read back
-        assert converted.sha256 != added.source.sha256  # a new header: not the source itself
-        loaded = _loads_strictly(path, {"name": converted.model, "kwargs": converted.model_kwargs})
-        assert all(torch.equal(loaded[k], v) for k, v in state.items())
-        assert cache.verify() == []
+        converted, path = _converted(cache, cache.add(src))
+        recipe = Recipe.from_json(converted.recipe)
+        runs, at = [], 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+        for where, size in recipe.runs:  # where each run lies in the output
+            runs.append((where, at))
+            at += size
+        manifest = cache.store.converted / ("%s.json" % converted.id)
+        if damage == "header":
+            _flip(path, 20)
+        elif damage == "copied":
+            _flip(path, next(out for where, out in runs if isinstance(where, int)) + 3)
+        elif damage == "from memory":
+            _flip(path, next(out for where, out in runs if isinstance(where, str)))
+        elif damage == "cut short":
+            path.chmod(0o644)
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size - 1)
+        else:
+            raw = json.loads(manifest.read_text())
+            raw["recipe"]["runs"][0][1] += 1
+            manifest.write_text(json.dumps(raw))
+        (problem,) = cache.verify()
+    expected = {
+        "header": "%s (converted %s): damaged, its header differs" % (path, converted.id),
+        "copied": "%s (converted %s): damaged, bytes" % (path, converted.id),
+        "from memory": "%s (converted %s): damaged, bytes" % (path, converted.id),
+        "cut short": "%s (converted %s): damaged, it is" % (path, converted.id),
+        "recipe": "%s: the recipe of %s is damaged (it does not give the file's name)" % (manifest, path),
+    }[damage]
+    assert problem.startswith(expected), problem
+    if damage in ("copied", "from memory"):
+        assert ("written from memory" in problem) == (damage == "from memory"), problem
 
 
 def test_add_reads_a_new_pth_once_without_torchs_unpickler_and_the_same_bytes_again_not_at_all(tmp_path, monkeypatch):
