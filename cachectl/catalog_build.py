@@ -47,8 +47,20 @@ def record(out: Path, python: str, env: dict[str, str] | None, version: str, say
         say("timm %s: recording every model's layout (%s, attempt %d)" % (version, out, attempt + 1))
         subprocess.run([python, "-c", BOOT, script("_catalog_dump.py"), str(out)],
                        env=env, cwd="/", stderr=subprocess.DEVNULL)
+        if not out.exists():  # stopped before its first model: is it timm itself?
+            _check_imports(python, env, version, out)
     raise CachectlError(out, "timm %s: the layout dump keeps crashing" % version,
                         "Read the last lines of this file for the model it stops at.")
+
+
+def _check_imports(python: str, env: dict[str, str] | None, version: str, out: Path) -> None:
+    # timm 0.6.11 and 0.6.12 declare dataclass fields that Python 3.11 refuses
+    run = subprocess.run([python, "-c", "import timm"], env=env, cwd="/", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, errors="replace")
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["exit status %d" % run.returncode])[-1]
+        raise CachectlError(out, "timm %s does not import in %s (%s)" % (version, python, last),
+                            "Catalogue it with a Python that imports it, or leave it out.")
 
 
 def _finished(path: Path) -> bool:

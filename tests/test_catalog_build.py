@@ -1,12 +1,15 @@
 """`cachectl catalog build`: a release is merged into the shipped catalog, each layout once."""
 import gzip
 import json
+import sys
 
+import pytest
 from click.testing import CliRunner
 
 from cachectl.catalog import Catalog, compact, index_path, version_key
-from cachectl.catalog_build import merge, shipped
+from cachectl.catalog_build import dump, merge, shipped
 from cachectl.cli import main
+from cachectl.errors import CachectlError
 from cachectl.layout import layout_id
 
 
@@ -68,3 +71,15 @@ def test_catalog_list_names_every_release():
     rows = json.loads(result.output)
     assert [r["timm"] for r in rows] == list(Catalog.load().releases)
     assert all(r["models"] > 500 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="timm 0.6.11 imports before Python 3.11")
+def test_a_release_that_does_not_import_is_said_to_at_once(tmp_path, monkeypatch):
+    # timm 0.6.11 declares dataclass fields that Python 3.11 refuses: the build says so
+    # and why, instead of retrying twenty times and blaming a model
+    monkeypatch.setenv("CACHECTL_BUILD_DIR", str(tmp_path))
+    with pytest.raises(CachectlError) as caught:
+        dump("0.6.11", say=lambda _: None)
+    assert "timm 0.6.11 does not import in %s (ValueError: mutable default" % sys.executable in str(caught.value)
+    assert "Catalogue it with a Python that imports it, or leave it out." in str(caught.value)
