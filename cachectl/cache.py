@@ -676,17 +676,13 @@ class Cache:
         versions = [self.find_version(r) for r in refs] if refs else snap.versions
         shas = {v.source for v in versions}
         converted = [c for c in snap.converted.values() if c.source in shas]
-        damaged = set()
         for sha in sorted(shas):
             if progress:
                 progress(sha)
-            found = self._check_blob(self.store.blob_path(sha), sha, "source of %s" % ", ".join(v.ref for v in versions if v.source == sha))
-            damaged.update([sha] if found else [])
-            problems += found
+            problems += self._check_blob(self.store.blob_path(sha), sha, "source of %s" % ", ".join(v.ref for v in versions if v.source == sha))
         envs = {e.name: e for e in self.environments()}
         for c in converted:
-            found = (self._check_blob(self.store.converted_path(c), c.sha256, "converted %s" % c.id)
-                     if c.recipe is None else self._check_recipe(c, c.source in damaged))
+            found = self._check_converted(c, self.store.converted_path(c), "converted %s" % c.id)
             problems += found
             if found:
                 continue  # a damaged file is damaged: whether it loads says no more
@@ -707,13 +703,19 @@ class Cache:
         actual = sha256_file(path)
         return [] if actual == sha else ["%s (%s): damaged, its sha256 is now %s" % (path, what, actual)]
 
-    def _check_recipe(self, c: Converted, source_damaged: bool) -> list[str]:
-        """A converted file named by its recipe, proven against its source, whose own
-        sha256 verify checks first."""
+    def _check_converted(self, c: Converted, path: Path, what: str) -> list[str]:
+        """`path`, the file of `c` or its torch-format copy, checked against its name."""
+        if path.name.endswith(CONVERTED_SUFFIX) and c.recipe is not None:
+            return self._check_recipe(c, path, what)
+        expected = c.sha256 if path.name.endswith(CONVERTED_SUFFIX) else c.torch_sha256
+        return self._check_blob(path, expected or "", what)
+
+    def _check_recipe(self, c: Converted, path: Path, what: str) -> list[str]:
+        """A converted file named by its recipe, compared with its source; only when they
+        differ is the source's own sha256 read, to say which of the two is damaged."""
         from .safetensors_io import Recipe, check_recipe
 
-        path, source = self.store.converted_path(c), self.store.blob_path(c.source)
-        what = "converted %s" % c.id
+        source = self.store.blob_path(c.source)
         if not path.exists():
             return ["%s (%s): missing" % (path, what)]
         manifest = self.store.converted / ("%s.json" % c.id)
@@ -724,12 +726,15 @@ class Cache:
         except ValueError as exc:
             return ["%s: the recipe of %s is damaged (%s); remove the manifest and the file is converted again "
                     "when next used" % (manifest, path, exc)]
-        if source_damaged or not source.exists():
-            # its bytes may well be right: they were copied while the source was whole
-            return ["%s (%s): cannot be checked while its source %s is %s" % (
-                path, what, source, "damaged" if source_damaged else "missing")]
+        if not source.exists():
+            return ["%s (%s): cannot be checked while its source %s is missing" % (path, what, source)]
         wrong = check_recipe(path, recipe, source)
-        return [] if wrong is None else ["%s (%s): damaged, %s" % (path, what, wrong)]
+        if wrong is None:
+            return []
+        if sha256_file(source) != c.source:
+            # its bytes may well be right: they were copied while the source was whole
+            return ["%s (%s): cannot be checked while its source %s is damaged" % (path, what, source)]
+        return ["%s (%s): damaged, %s" % (path, what, wrong)]
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -927,10 +932,10 @@ class Cache:
                     problems.append("view %s: %s names converted file %s, which the store no longer has" % (
                         env.name, s["pretrained"], s["converted"]))
                     continue
-                expected = c.sha256 if blob.name.endswith(CONVERTED_SUFFIX) else c.torch_sha256
-                problems += self._check_blob(blob, expected or "", "%s in the view of %s" % (s["pretrained"], env.name))
-                if not blob.exists():
-                    continue
+                found = self._check_converted(c, blob, "%s in the view of %s" % (s["pretrained"], env.name))
+                problems += found
+                if found:
+                    continue  # a damaged file is damaged: whether it loads says no more
                 spec = self.target(env).describe(c.model, c.model_kwargs)
                 mismatch = strict_check(read(blob).tensors, spec.layout)
                 if not mismatch.ok:

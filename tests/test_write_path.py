@@ -137,7 +137,7 @@ def _flip(path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["header", "copied", "from memory", "cut short", "recipe"])
+@pytest.mark.parametrize("damage", ["header", "copied", "from memory", "cut short", "recipe", "source"])
 def test_verify_finds_a_converted_file_that_its_recipe_does_not_make(tmp_path, damage):
     src, _ = _levit_without_counters(tmp_path)
     with Cache(tmp_path / "root") as cache:
@@ -158,17 +158,25 @@ def test_verify_finds_a_converted_file_that_its_recipe_does_not_make(tmp_path, d
             path.chmod(0o644)
             with open(path, "r+b") as f:
                 f.truncate(path.stat().st_size - 1)
-        else:
+        elif damage == "recipe":
             raw = json.loads(manifest.read_text())
             raw["recipe"]["runs"][0][1] += 1
             manifest.write_text(json.dumps(raw))
-        (problem,) = cache.verify()
+        else:  # a byte the converted file copied: the source is damaged, the converted file may not be
+            source = cache.store.blob_path(converted.source)
+            _flip(source, next(where for where, _ in recipe.runs if isinstance(where, int)) + 3)
+            damaged, problem = cache.verify()
+            assert damaged.startswith("%s (source of levit@1): damaged" % source), damaged
+        if damage != "source":
+            (problem,) = cache.verify()
     expected = {
         "header": "%s (converted %s): damaged, its header differs" % (path, converted.id),
         "copied": "%s (converted %s): damaged, bytes" % (path, converted.id),
         "from memory": "%s (converted %s): damaged, bytes" % (path, converted.id),
         "cut short": "%s (converted %s): damaged, it is" % (path, converted.id),
         "recipe": "%s: the recipe of %s is damaged (it does not give the file's name)" % (manifest, path),
+        "source": "%s (converted %s): cannot be checked while its source %s is damaged" % (
+            path, converted.id, cache.store.blob_path(converted.source)),
     }[damage]
     assert problem.startswith(expected), problem
     if damage in ("copied", "from memory"):
