@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -73,7 +72,6 @@ class Recipe:
 @dataclass(frozen=True)
 class Written:
     size: int  # bytes in the file
-    sha256: str | None  # of the whole file, when asked for; computed while it was written
     copies: int  # kernel copies made: 1 for a safetensors file whose tensors were only renamed
     recipe: Recipe | None = None  # when asked for
 
@@ -96,22 +94,20 @@ def write(
     deferred: Mapping[str, Callable[[], str]] | None = None,
     source: Path | None = None,
     span: Callable[[torch.Tensor], int | None] | None = None,
-    digest: bool = False,
     recipe: bool = False,
     sync_folder: bool = True,
 ) -> Written:
     """Write `tensors` to `path`. Memory: one tensor at a time, only for tensors not in `source`.
 
     `span(t)` gives the offset in `source` where t's bytes lie unchanged, or None.
-    `digest`: also return the file's sha256, hashed on another thread while the kernel
-    copies (from the source's bytes, which are the output's), so the output is never read
-    back. `recipe`: also return the file's recipe (only the header and the runs from memory
-    are hashed). `sync_folder=False` leaves the folder's fsync to a caller that renames the file
+    `recipe`: also return the file's recipe, which names it without hashing it (only the
+    header and the runs from memory are hashed, on another thread while the kernel
+    copies). `sync_folder=False` leaves the folder's fsync to a caller that renames the file
     again (the store does, into its final folder).
     """
     deferred = deferred or {}
-    if (digest or recipe) and deferred:
-        raise ValueError("a file with deferred metadata has no digest or recipe until it is written")
+    if recipe and deferred:
+        raise ValueError("a file with deferred metadata has no recipe until it is written")
     meta = {**metadata, **{k: "0" * DEFERRED_WIDTH for k in deferred}}
     for key, t in tensors.items():
         if t.dtype not in ST_NAMES:
@@ -134,7 +130,6 @@ def write(
         path = Path(path)
         tmp = temp_path(path)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            hashing = pool.submit(_sha256, head, runs, tensors, src_fd) if digest else None
             # a few MB at most: filled buffers and what a migration computed
             recipe_of = pool.submit(_recipe, head, runs, tensors) if recipe else None
             try:
@@ -150,7 +145,6 @@ def write(
                         f.seek(0)
                         _write_all(f, final)
                     os.fsync(f.fileno())
-                sha = hashing.result() if hashing else None
                 made = recipe_of.result() if recipe_of else None
                 os.replace(tmp, path)
             except BaseException:
@@ -161,7 +155,7 @@ def write(
             os.close(src_fd)
     if sync_folder:
         _fsync_dir(path.parent)
-    return Written(len(head) + offset, sha, copies, made)
+    return Written(len(head) + offset, copies, made)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -199,31 +193,6 @@ def _blocks(t: torch.Tensor, size: int):
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     for start in range(0, flat.numel(), size):
         yield memoryview(flat[start:start + size].numpy())
-
-
-def _sha256(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor], src_fd: int | None) -> str:
-    """The output's sha256 from the bytes it is made of: the source mapped (its page
-    cache, no copy into this process, and not the file offset the writer moves) for
-    kernel-copied runs, memory for the rest."""
-    h = hashlib.sha256(head)
-    mapped = mmap.mmap(src_fd, 0, prot=mmap.PROT_READ) if any(r.at is not None for r in runs) else None
-    view = memoryview(mapped) if mapped is not None else None
-    try:
-        for run in runs:
-            if run.at is not None:
-                if run.at + run.size > len(view):
-                    raise OSError("the source ended %d bytes early" % (run.at + run.size - len(view)))
-                for start in range(run.at, run.at + run.size, HASH_CHUNK):
-                    h.update(view[start:min(start + HASH_CHUNK, run.at + run.size)])
-            else:
-                for key in run.keys:
-                    for block in _blocks(tensors[key], HASH_CHUNK):
-                        h.update(block)
-    finally:
-        if view is not None:
-            view.release()
-            mapped.close()
-    return h.hexdigest()
 
 
 def _recipe(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor]) -> Recipe:
