@@ -49,7 +49,7 @@ catalog: $(STAMP)
 # with its dependencies and pytest, the build backend, and what the tests install beside
 # (the catalogued timm releases, the huggingface_hub of timm 0.9's time). Needs an index.
 WHEELHOUSE ?= wheelhouse
-RELEASES = $(shell $(PY) -c 'from tools.timm_releases import CATALOG_RELEASES as r, UNCATALOGUED as u; print(*r, u)')
+RELEASES = $(shell $(PY) -c 'from tools.timm_releases import CATALOG_RELEASES as r, UNCATALOGUED as u, UNIMPORTABLE as x; print(*r, u, x)')
 wheelhouse:
 	@test -n "$(RELEASES)" || { echo "make wheelhouse: cannot read the timm releases from tools/timm_releases.py with $(PY)" >&2; exit 1; }
 	$(PY) -m pip download -d $(WHEELHOUSE) -c constraints.txt torch torchvision pip 'setuptools>=77,<85'

@@ -11,6 +11,7 @@ from cachectl.catalog_build import dump, merge, shipped
 from cachectl.cli import main
 from cachectl.errors import CachectlError
 from cachectl.layout import layout_id
+from tools.timm_releases import RELEASES_DIR, UNIMPORTABLE
 
 
 def _dump(path, release, models, deprecated):
@@ -78,8 +79,9 @@ def test_catalog_list_names_every_release():
 def test_a_release_that_does_not_import_is_said_to_at_once(tmp_path, monkeypatch):
     # timm 0.6.11 declares dataclass fields that Python 3.11 refuses: the build says so
     # and why, instead of retrying twenty times and blaming a model
-    monkeypatch.setenv("CACHECTL_BUILD_DIR", str(tmp_path))
+    monkeypatch.setenv("CACHECTL_BUILD_DIR", str(tmp_path))  # the dump; the release where the tests keep theirs
+    monkeypatch.setenv("CACHECTL_TIMM_RELEASES", str(RELEASES_DIR))
     with pytest.raises(CachectlError) as caught:
-        dump("0.6.11", say=lambda _: None)
+        dump(UNIMPORTABLE, say=lambda _: None)
     assert "timm 0.6.11 does not import in %s (ValueError: mutable default" % sys.executable in str(caught.value)
     assert "Catalogue it with a Python that imports it, or leave it out." in str(caught.value)
