@@ -543,8 +543,9 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
 
     Given `source_sha256` (the store hashed the source when it took it in), the source is
     not hashed again and the output's recipe is returned, which names it without reading
-    it back; without it, the source is hashed on the other core while the output is written. `sync_folder=False`: the caller renames the file again and
-    syncs the folder it lands in."""
+    it back; without it, the source is hashed on the other core while the output is
+    written. `sync_folder=False`: the caller renames the file again and syncs the folder it
+    lands in."""
     ckpt, tag, choice = prepared.ckpt, prepared.tag, prepared.model
     metadata = {
         "format": "pt",
