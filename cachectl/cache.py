@@ -705,10 +705,11 @@ class Cache:
 
     def _check_converted(self, c: Converted, path: Path, what: str) -> list[str]:
         """`path`, the file of `c` or its torch-format copy, checked against its name."""
-        if path.name.endswith(CONVERTED_SUFFIX) and c.recipe is not None:
+        if not path.name.endswith(CONVERTED_SUFFIX):
+            return self._check_blob(path, c.torch_sha256 or "", what)
+        if c.recipe is not None:
             return self._check_recipe(c, path, what)
-        expected = c.sha256 if path.name.endswith(CONVERTED_SUFFIX) else c.torch_sha256
-        return self._check_blob(path, expected or "", what)
+        return self._check_blob(path, c.sha256, what)
 
     def _check_recipe(self, c: Converted, path: Path, what: str) -> list[str]:
         """A converted file named by its recipe, compared with its source; only when they

@@ -211,14 +211,14 @@ def _recipe(head: bytes, runs: list[_Run], tensors: Mapping[str, torch.Tensor]) 
 
 def check_recipe(path: Path, recipe: Recipe, source: Path) -> str | None:
     """Why the file at `path` is not what `recipe` makes of `source`, or None if it is.
-    The caller proves the source itself (by its sha256)."""
+    Where they differ, the caller says whether the source (by its sha256) is to blame."""
     with open(path, "rb") as out, open(source, "rb") as src:
         size = os.fstat(out.fileno()).st_size
-        (n,) = struct.unpack("<Q", out.read(8)) if size >= 8 else (size,)
-        if size < 8 or 8 + n > size:
+        length = out.read(8)
+        n = struct.unpack("<Q", length)[0] if len(length) == 8 else size
+        if 8 + n > size:
             return "its header is cut short"
-        out.seek(0)
-        if hashlib.sha256(out.read(8 + n)).hexdigest() != recipe.header:
+        if hashlib.sha256(length + out.read(n)).hexdigest() != recipe.header:
             return "its header differs from the one written"
         want = 8 + n + sum(run_size for _, run_size in recipe.runs)
         if size != want:
