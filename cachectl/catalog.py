@@ -26,6 +26,7 @@ CATALOG_DIR = Path(__file__).resolve().parent / "data" / "catalog"
 FINGERPRINT_RTOL = 2e-5
 
 
+@functools.lru_cache(maxsize=None)  # few distinct versions, sorted thousands of times a conversion
 def version_key(version: str) -> tuple[int, ...]:
     parts = []
     for part in version.split("+")[0].split("."):

@@ -298,25 +298,26 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _zip_pickle(path: Path) -> Any:
-    return zip_records(path, offsets=False)[0]
-
-
-def zip_records(path: Path, *, offsets: bool = True) -> tuple[Any, dict[str, StoredBytes]]:
-    """The object a torch zip file's pickle describes, its tensors as records, and where
-    each storage's bytes lie in the file (`offsets`: else every offset is 0)."""
     with zipfile.ZipFile(path) as z:
-        infos = {i.filename: i for i in z.infolist()}
-        pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkl) != 1:
-            raise NotPlain("no single data.pkl")
-        folder = pkl[0][: -len("data.pkl")]
-        order = infos.get(folder + "byteorder")
-        if order is not None and z.read(order) != b"little":
-            raise NotPlain("a byte order other than little-endian")
-        if infos[pkl[0]].file_size > DATA_PKL_LIMIT:
-            raise NotPlain("a data.pkl of %d bytes" % infos[pkl[0]].file_size)
-        unpickler = _Unpickler(z.open(pkl[0]))
-        obj = unpickler.load()
+        return zip_records(z, path, offsets=False)[0]
+
+
+def zip_records(z: zipfile.ZipFile, path: Path, *, offsets: bool = True) -> tuple[Any, dict[str, StoredBytes]]:
+    """The object a torch zip file's pickle describes, its tensors as records, and where
+    each storage's bytes lie in the file (`offsets`: else every offset is 0). `z` is the
+    file at `path`, opened by the caller (reading its central directory costs a few ms)."""
+    infos = {i.filename: i for i in z.infolist()}
+    pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        raise NotPlain("no single data.pkl")
+    folder = pkl[0][: -len("data.pkl")]
+    order = infos.get(folder + "byteorder")
+    if order is not None and z.read(order) != b"little":
+        raise NotPlain("a byte order other than little-endian")
+    if infos[pkl[0]].file_size > DATA_PKL_LIMIT:
+        raise NotPlain("a data.pkl of %d bytes" % infos[pkl[0]].file_size)
+    unpickler = _Unpickler(z.open(pkl[0]))
+    obj = unpickler.load()
     stored = {}
     with open(path, "rb") as f:
         for s in unpickler.storages.values():  # each storage's bytes are in the file, whole: a cut copy is the reader's to explain

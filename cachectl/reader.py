@@ -88,8 +88,8 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
         head = f.read(9)
     base = None
     if head[:4] == b"PK\x03\x04":
-        _check_zip(weights, via, size)
-        mapped = _mapped_zip(via, size)
+        with _open_zip(weights, via, size) as z:
+            mapped = _mapped_zip(z, via, size)
         obj, base = mapped if mapped is not None else (_torch_load(weights, via, mmap=True), None)
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
@@ -126,19 +126,22 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
 PICKLE_LIMIT = 64 * 1024 * 1024
 
 
-def _check_zip(path: Path, via: Path, size: int) -> None:
+def _open_zip(path: Path, via: Path, size: int) -> zipfile.ZipFile:
+    """The zip file, open, once it is known to be whole and no bomb."""
     try:
-        with zipfile.ZipFile(via) as z:
-            infos = z.infolist()
+        z = zipfile.ZipFile(via)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CheckpointError(path, "damaged or truncated torch file (%s)" % _first_line(exc),
                               "Copy the file again from its source; if a copy is still running, wait for it.")
+    infos = z.infolist()
     inflated = sum(i.file_size for i in infos)
     pickled = max((i.file_size for i in infos if i.filename.endswith("data.pkl")), default=0)
     if inflated > 4 * size + PICKLE_LIMIT or pickled > PICKLE_LIMIT:
+        z.close()
         raise CheckpointError(path, "not a torch file but a zip bomb (its records inflate to %d bytes from %d%s)" % (
             inflated, size, ", data.pkl alone to %d" % pickled if pickled > PICKLE_LIMIT else ""),
                               "Delete it; ask whoever made it for the weights saved with torch.save.")
+    return z
 
 
 # A tensor may show more bytes than its storage holds (a zero or overlapping stride, as
@@ -172,7 +175,7 @@ def _map(via: Path, size: int) -> torch.Tensor:
     return torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size))
 
 
-def _mapped_zip(via: Path, size: int) -> tuple[Any, int] | None:
+def _mapped_zip(z: zipfile.ZipFile, via: Path, size: int) -> tuple[Any, int] | None:
     """The object in a torch zip file with its tensors mapped from the file, and the
     address the file is mapped at; None when only torch's own loader can say.
 
@@ -182,7 +185,7 @@ def _mapped_zip(via: Path, size: int) -> tuple[Any, int] | None:
     ResNet-50). Anything that unpickler does not know, torch reads, with its own checks.
     """
     try:
-        obj, stored = zip_records(via)
+        obj, stored = zip_records(z, via)
     except (NotPlain, OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, struct.error,
             TypeError, KeyError, IndexError, AttributeError, RecursionError, MemoryError):
         return None

@@ -38,7 +38,7 @@ import json
 import os
 import stat
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +46,7 @@ from . import locks
 from .errors import CachectlError, NoSpaceError
 from .regular import open_regular
 from .tempnames import temp_name, temp_path
+from .writeback import Writeback
 
 # hashlib and shutil (with the compressors it imports) are imported where a file is hashed
 # or a folder removed: a fifth of the start-up of `list`, which does neither
@@ -157,7 +158,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _to_json(value, fmt: int = BASE_FORMAT) -> dict:
-    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(value).items()}, "format": fmt}
+    # shallow (the manifests are flat): asdict's deep copy of a recipe's runs cost 1.4 ms a conversion
+    raw = {f.name: getattr(value, f.name) for f in fields(value)}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}, "format": fmt}
 
 
 def _fields(raw: dict) -> dict:
@@ -391,13 +394,15 @@ class Store:
             # had when opened, so a file that keeps growing cannot keep this copy going
             with open(open_regular(path), "rb") as src, open(tmp, "wb") as dst:
                 before = os.fstat(src.fileno())
+                disk = Writeback(dst.fileno())
                 while size < before.st_size and (block := src.read(min(CHUNK, before.st_size - size))):
                     h.update(block)
                     if block == zero[:len(block)]:
                         dst.seek(len(block), os.SEEK_CUR)  # a hole stays a hole: a sparse file is not made whole
                     else:
-                        dst.write(block)
+                        dst.write(block)  # larger than the buffer: it goes to the kernel now
                     size += len(block)
+                    disk.reached(size)
                 dst.truncate(size)
                 after = os.fstat(src.fileno())
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
