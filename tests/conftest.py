@@ -1,6 +1,8 @@
 """Shared fixtures: real timm releases side by side, checkpoints they made, and targets."""
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import tempfile
@@ -98,6 +100,38 @@ def targets():
     yield get
     for t in opened.values():
         t.close()
+
+
+@pytest.fixture
+def catalog_without(tmp_path, monkeypatch):
+    """`hide(release)`: this process's cachectl sees the shipped catalog less that release,
+    as a cachectl older than the release ships it (the same files, one release taken out)."""
+    from cachectl import catalog
+
+    def hide(release: str) -> None:
+        folder = tmp_path / ("catalog-without-%s" % release)
+        folder.mkdir()
+        for src in catalog.CATALOG_DIR.iterdir():
+            (folder / src.name).symlink_to(src)
+        index = catalog.index_path()
+        with gzip.open(index, "rt") as f:
+            whole = catalog.expand(json.load(f), index)
+        del whole["releases"][release]
+        _replace_gz(folder / index.name, catalog.compact(whole))
+        with gzip.open(catalog.fingerprints_path(), "rt") as f:
+            fingerprints = json.load(f)
+        fingerprints["releases"].pop(release, None)
+        _replace_gz(folder / catalog.fingerprints_path().name, fingerprints)
+        monkeypatch.setattr(catalog, "CATALOG_DIR", folder)
+        assert release not in catalog.Catalog.load().releases
+
+    return hide
+
+
+def _replace_gz(path: Path, data: dict) -> None:
+    path.unlink()  # a link to the shipped file: never written through
+    with gzip.open(path, "wt", compresslevel=1) as f:
+        json.dump(data, f)
 
 
 @pytest.fixture

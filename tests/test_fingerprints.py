@@ -193,9 +193,10 @@ def test_a_migrated_conversion_has_its_math_proven_by_running(roundtrip):
     assert "run in timm %s on the fingerprint weights" % timm.__version__ in math[0], result.steps
 
 
-def test_a_release_the_catalog_lacks_has_its_math_proven_by_running(targets, tmp_path):
+def test_a_release_the_catalog_lacks_has_its_math_proven_by_running(targets, tmp_path, catalog_without):
     # a timm newer than this cachectl's catalog: no fingerprint of the target to compare,
     # so the conversion runs the source release's fingerprint weights in the target
+    catalog_without(UNCATALOGUED)
     made = make_checkpoint("0.9.16", "resnet18")
     result = convert(made.path, tmp_path / "out.safetensors", targets(UNCATALOGUED))
     math = [s for s in result.steps if s.startswith("math:")]
@@ -205,9 +206,10 @@ def test_a_release_the_catalog_lacks_has_its_math_proven_by_running(targets, tmp
     assert (got - made.logits).abs().max().item() <= ATOL
 
 
-def test_a_release_the_catalog_lacks_is_refused_where_its_run_computes_otherwise(targets, tmp_path):
+def test_a_release_the_catalog_lacks_is_refused_where_its_run_computes_otherwise(targets, tmp_path, catalog_without):
     # convnext_tiny's layout is made by 0.5.4 and by 0.6.13 on, which normalise differently;
     # the run in the uncatalogued target tells which side it is on
+    catalog_without(UNCATALOGUED)
     made = make_checkpoint("0.6.13", "convnext_tiny")
     with pytest.raises(NoPlanError) as exc:
         convert(made.path, tmp_path / "out.safetensors", targets(UNCATALOGUED))

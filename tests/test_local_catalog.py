@@ -20,8 +20,9 @@ def cli(*args):
     return result.output
 
 
-def test_an_environment_on_a_release_the_catalog_lacks_is_catalogued_and_its_files_tagged(tmp_path, monkeypatch):
-    assert UNCATALOGUED not in Catalog.load().releases
+def test_an_environment_on_a_release_the_catalog_lacks_is_catalogued_and_its_files_tagged(tmp_path, monkeypatch,
+                                                                                         catalog_without):
+    catalog_without(UNCATALOGUED)
     root = tmp_path / "root"
     monkeypatch.setenv("CACHECTL_ROOT", str(root))
     cli("init")

@@ -12,8 +12,8 @@ RELEASES_DIR = Path(os.environ.get("CACHECTL_TIMM_RELEASES", ROOT / ".cache" / "
 # run and `make wheelhouse` carries (0.6.12 does not import on 3.11); the catalog also holds
 # releases by their layouts only (`cachectl catalog list`), which nothing here installs.
 CATALOG_RELEASES = ("0.4.12", "0.5.4", "0.6.13", "0.9.2", "0.9.16", "1.0.3", "1.0.9", "1.0.15", "1.0.20", "1.0.31")
-# A release the shipped catalog leaves out on purpose: the tests' "timm not in this cachectl's catalog"
-# (as a release newer than cachectl is).
+# The tests' "timm not in this cachectl's catalog" (as a release newer than cachectl is): they take
+# it out of the catalog they load (conftest.catalog_without).
 UNCATALOGUED = "1.0.26"
 # A release that does not import on Python 3.11 (a dataclass field with a mutable default):
 # the tests' "the catalog build says why, at once".
