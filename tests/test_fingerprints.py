@@ -50,6 +50,38 @@ def test_integer_and_derived_buffers_are_kept_as_built():
     assert keep("head.weight", torch.zeros(4, 4), False)
 
 
+class _InitSkippedOnMeta(torch.nn.Module):
+    """timm 1.0.23's and 1.0.24's pattern (Swin, LeViT, BEiT, EVA attention): a module
+    computes its non-persistent buffers only when its parameters are not on meta."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("index", torch.empty(4, dtype=torch.long), persistent=False)
+        self.register_buffer("k_bias", torch.empty(4), persistent=False)
+        self.pretrained_cfg = {"input_size": (4,)}
+        if not self.proj.weight.is_meta:
+            self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self):
+        self.index.copy_(torch.tensor([3, 1, 2, 0]))
+        self.k_bias.zero_()
+
+    def forward(self, x):
+        return self.proj(x)[..., self.index] + self.k_bias
+
+
+def test_buffers_a_release_skips_on_meta_are_computed_not_left_as_memory(monkeypatch):
+    agent = _fingerprint.load_agent()
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: _InitSkippedOnMeta())
+    built = agent["empty_model"]("like_swin_in_1_0_23")
+    assert built.proj.weight.is_meta  # the fast path, the one that skipped the init
+    assert torch.equal(built.index, torch.tensor([3, 1, 2, 0])) and not built.k_bias.any()
+    got = _fingerprint.fingerprint_name("like_swin_in_1_0_23", agent)["fingerprint"]
+    plain = _fingerprint.fingerprint(_InitSkippedOnMeta())
+    assert (got["values"], got["sum"], got["weights"]) == (plain["values"], plain["sum"], plain["weights"])
+
+
 def _fp(**kw):
     base = dict(release="r", name="m", method=1, weights="w", input=(3, 224, 224), shape=(1, 4),
                 total=1.0, abs_total=4.0, values=(1.0, -1.0, 1.5, -0.5))
