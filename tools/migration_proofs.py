@@ -5,6 +5,10 @@
     python -m tools.migration_proofs --all-pairs  # every pair of fingerprinted releases (hours)
     python -m tools.migration_proofs --print      # print the section instead
 
+Each direction's result is kept in $CACHECTL_BUILD_DIR/migration-proofs/ with a key of the
+two releases' fingerprints and cachectl's code: a run stopped midway, or run again after a
+release is fingerprinted, proves only the pairs whose key changed.
+
 For each release pair and each model whose layout differs between the two (the
 fingerprint report's "other tensors"), a file is made of the older side's fingerprint
 weights in its own layout (integer and derived buffers as that release builds them) and
@@ -18,6 +22,8 @@ in the target release: a file whose outputs differ from the source's fingerprint
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -30,6 +36,7 @@ from cachectl import proof
 from cachectl.catalog import Catalog, same_math
 from cachectl.convert import prepare
 from cachectl.errors import CachectlError, NoPlanError
+from cachectl.releases import work_dir
 from cachectl.target import Target
 from tools.crossversion import python_for
 from tools.fingerprint_report import DOC, _newer_name
@@ -94,14 +101,58 @@ def prove(catalog: Catalog, targets: dict[str, Target], src: str, dst: str, name
     return "converted, proven", "%s; %s" % (prepared.attempt.name, math)
 
 
+CODE = Path(__file__).resolve().parent.parent / "cachectl"
+
+
+def _code_digest() -> str:
+    """cachectl's Python sources: a proof holds for the code that made it."""
+    h = hashlib.sha256()
+    for path in sorted(CODE.rglob("*.py")):
+        h.update(str(path.relative_to(CODE)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _key(catalog: Catalog, src: str, dst: str, code: str) -> str:
+    records = [catalog._fingerprints()[r]["models"] for r in (src, dst)]
+    return hashlib.sha256((json.dumps(records, sort_keys=True) + code).encode()).hexdigest()
+
+
+def _saved(src: str, dst: str) -> Path:
+    return work_dir() / "migration-proofs" / ("%s_to_%s.json" % (src, dst))
+
+
+def _load(path: Path, key: str) -> dict | None:
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if row.get("key") != key:
+        return None
+    return dict(row, outcomes=Counter(row["outcomes"]))
+
+
+def _save(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(path)
+
+
 def run(pairs: list[tuple[str, str]]) -> list[dict]:
     catalog = Catalog.load()
+    code = _code_digest()
     targets: dict[str, Target] = {}
     rows = []
     with tempfile.TemporaryDirectory(prefix="cachectl-proofs-") as tmp:
         try:
             for a, b in pairs:
                 for src, dst in ((a, b), (b, a)):
+                    key = _key(catalog, src, dst, code)
+                    saved = _load(_saved(src, dst), key)
+                    if saved is not None:
+                        print("%s -> %s: kept from an earlier run" % (src, dst), flush=True)
+                        rows.append(saved)
+                        continue
                     for t in (src, dst):
                         if t not in targets:
                             targets[t] = Target(python_for(t))
@@ -117,8 +168,10 @@ def run(pairs: list[tuple[str, str]]) -> list[dict]:
                         outcomes[outcome] += 1
                         details[outcome].append("%s: %s" % (name, detail))
                         print("%s -> %s %s: %s" % (src, dst, name, outcome), flush=True)
-                    rows.append({"src": src, "dst": dst, "models": len(models), "outcomes": outcomes,
-                                 "details": details, "seconds": time.monotonic() - started})
+                    row = {"src": src, "dst": dst, "models": len(models), "outcomes": outcomes,
+                           "details": dict(details), "seconds": time.monotonic() - started, "key": key}
+                    _save(_saved(src, dst), row)
+                    rows.append(row)
         finally:
             for t in targets.values():
                 t.close()
