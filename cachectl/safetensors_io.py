@@ -138,9 +138,9 @@ def write(
             try:
                 # unbuffered: kernel copies move the file offset underneath any buffer
                 with open(tmp, "wb", buffering=0) as f:
-                    disk = Writeback(f.fileno())
-                    _write_all(f, head, disk)
-                    copies = sum(_put(f, run, tensors, src_fd, disk) for run in runs)
+                    with Writeback(f.fileno()) as disk:
+                        _write_all(f, head, disk)
+                        copies = sum(_put(f, run, tensors, src_fd, disk) for run in runs)
                     if deferred:
                         header["__metadata__"] = {**meta, **{k: fn() for k, fn in deferred.items()}}
                         final = _framed(header, pad)

@@ -394,15 +394,15 @@ class Store:
             # had when opened, so a file that keeps growing cannot keep this copy going
             with open(open_regular(path), "rb") as src, open(tmp, "wb") as dst:
                 before = os.fstat(src.fileno())
-                disk = Writeback(dst.fileno())
-                while size < before.st_size and (block := src.read(min(CHUNK, before.st_size - size))):
-                    h.update(block)
-                    if block == zero[:len(block)]:
-                        dst.seek(len(block), os.SEEK_CUR)  # a hole stays a hole: a sparse file is not made whole
-                    else:
-                        dst.write(block)  # larger than the buffer: it goes to the kernel now
-                    size += len(block)
-                    disk.reached(size)
+                with Writeback(dst.fileno()) as disk:
+                    while size < before.st_size and (block := src.read(min(CHUNK, before.st_size - size))):
+                        h.update(block)
+                        if block == zero[:len(block)]:
+                            dst.seek(len(block), os.SEEK_CUR)  # a hole stays a hole: a sparse file is not made whole
+                        else:
+                            dst.write(block)  # larger than the buffer: it goes to the kernel now
+                        size += len(block)
+                        disk.reached(size)
                 dst.truncate(size)
                 after = os.fstat(src.fileno())
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):

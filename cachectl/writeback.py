@@ -8,9 +8,13 @@ about durability: the fsync at the end still gives that, and where the call is m
 (another OS, a libc without it) nothing changes but the speed.
 Measured (docs/performance.md, 100 MB, page cache warm): a whole-file kernel copy and fsync,
 0.10 s; the same with writeback started every 4 MB, 0.07 s.
+
+The calls are made on a thread of their own: one blocks while the disk's queue is full,
+and the thread copying the file should not wait with it (ctypes lets go of the GIL).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 
@@ -29,17 +33,35 @@ def _sync_file_range():
     return fn
 
 
+@functools.cache
+def _starter() -> concurrent.futures.ThreadPoolExecutor:
+    # one for the process: the calls of every file go to the same disk, in order
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cachectl-writeback")
+
+
 class Writeback:
-    """Follows a file written from its start, starting the disk on each STEP written."""
+    """Follows a file written from its start, starting the disk on each STEP written.
+
+    Used as a context manager around the writing, inside the file's own: its exit waits
+    for the calls still queued, so none outlives the file descriptor they name."""
 
     def __init__(self, fd: int, step: int = STEP):
         self.fd, self.step = fd, step
         self._started = 0  # the disk has been started on the bytes before this offset
+        self._last: concurrent.futures.Future | None = None
+
+    def __enter__(self) -> "Writeback":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._last is not None:
+            concurrent.futures.wait([self._last])  # one thread: the last call ends after the others
+            self._last = None
 
     def reached(self, end: int) -> None:
         """The file is written from its start up to `end`."""
         if end - self._started >= self.step:
             fn = _sync_file_range()
             if fn is not None:  # advice only: a failure leaves the work to the fsync
-                fn(self.fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
+                self._last = _starter().submit(fn, self.fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
             self._started = end
