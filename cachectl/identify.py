@@ -261,7 +261,8 @@ def _classifier_classes(layout: Layout, classifier: tuple[str, ...]) -> int | No
 
 def _exact(layout: Layout, catalog: Catalog) -> list[Candidate]:
     entries = catalog.by_layout(layout.layout_id)
-    return _group(entries, EXACT, 1.0, lambda e: _classifier_classes(layout, e.classifier) if e.classifier else e.default_num_classes)
+    classes = functools.cache(lambda classifier: _classifier_classes(layout, classifier))  # entries share a few
+    return _group(entries, EXACT, 1.0, lambda e: classes(e.classifier) if e.classifier else e.default_num_classes)
 
 
 def _but_classifier(layout: Layout, catalog: Catalog) -> list[Candidate]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
+from types import MappingProxyType
 from typing import Iterable, Mapping
 
 
@@ -21,7 +23,9 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """Keys in state-dict order with their shapes and dtypes."""
+    """Keys in state-dict order with their shapes and dtypes.
+
+    Its views are computed once per layout (a conversion asks for them a dozen times)."""
 
     tensors: tuple[tuple[str, TensorSpec], ...]
 
@@ -33,15 +37,18 @@ class Layout:
     def from_rows(cls, rows: Iterable) -> "Layout":
         return cls(tuple((k, TensorSpec(tuple(shape), dtype)) for k, shape, dtype in rows))
 
-    @property
-    def specs(self) -> dict[str, TensorSpec]:
-        return dict(self.tensors)
+    def __getstate__(self) -> dict:
+        return {"tensors": self.tensors}  # the cached views are remade, not pickled
 
-    @property
+    @cached_property
+    def specs(self) -> Mapping[str, TensorSpec]:
+        return MappingProxyType(dict(self.tensors))
+
+    @cached_property
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.tensors)
 
-    @property
+    @cached_property
     def layout_id(self) -> str:
         return layout_id((k, s.shape) for k, s in self.tensors)
 
