@@ -9,8 +9,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -23,6 +24,7 @@ import torch
 
 from .errors import TargetError
 from .layout import Layout
+from .tempnames import pid_alive, process_ticks
 
 T = TypeVar("T")
 AGENT = Path(__file__).resolve().parent / "_agent.py"
@@ -56,6 +58,25 @@ class ModelSpec:
     family: str
 
 
+# a Target's scratch folder names its process: `cachectl-target-<pid>-<start ticks>-<random>`
+TMP_PREFIX = "cachectl-target-"
+
+
+def _sweep_folders_of_dead_processes() -> None:
+    """Remove this user's scratch folders whose process is gone: a process killed by a
+    signal runs no finalizer, and a daemon's tests kill many."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(TMP_PREFIX + "*-*-*"):
+        pid, ticks = folder.name[len(TMP_PREFIX):].split("-")[:2]
+        try:
+            st = folder.lstat()
+        except FileNotFoundError:
+            continue
+        if (pid.isdigit() and st.st_uid == os.getuid() and stat.S_ISDIR(st.st_mode)
+                and not pid_alive(int(pid), int(ticks) if ticks.isdigit() else None)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class Target:
     """A timm installation to convert for. `python=None` means the one beside cachectl."""
 
@@ -64,7 +85,8 @@ class Target:
         self.python = os.path.abspath(python) if python else None
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        self._tmp = Path(tempfile.mkdtemp(prefix="cachectl-target-"))
+        _sweep_folders_of_dead_processes()
+        self._tmp = Path(tempfile.mkdtemp(prefix="%s%d-%s-" % (TMP_PREFIX, os.getpid(), process_ticks(os.getpid()))))
         # removed by close(), else when the Target is collected or the interpreter exits: a
         # command that never closes its targets leaves no folder behind in /tmp
         self._remove_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, True)

@@ -250,3 +250,27 @@ def test_add_refuses_what_only_torch_finds_wrong_and_keeps_nothing_of_it(tmp_pat
         assert [p for p in cache.store.blobs.rglob("*") if p.is_file()] == []
         assert cache.store.all_versions() == [] and cache.scan().sources == {}
     assert src.read_bytes() == before
+
+
+def test_a_killed_process_scratch_folder_is_removed_by_the_next_target():
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hold = "from cachectl.target import Target; t = Target(); print(t._tmp, flush=True); import time; time.sleep(120)"
+    killed = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    living = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        dead_tmp, live_tmp = Path(killed.stdout.readline().strip()), Path(living.stdout.readline().strip())
+        killed.send_signal(signal.SIGKILL)  # no finalizer runs: the folder stays behind
+        killed.wait()
+        assert dead_tmp.is_dir() and live_tmp.is_dir()
+        with Target():
+            assert not dead_tmp.exists()
+            assert live_tmp.is_dir()  # another process's folder, in use
+    finally:
+        living.kill()
+        living.wait()
+    with Target():
+        assert not live_tmp.exists()
