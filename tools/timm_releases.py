@@ -8,9 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RELEASES_DIR = Path(os.environ.get("CACHECTL_TIMM_RELEASES", ROOT / ".cache" / "timm"))
 
-# The fingerprinted releases of the shipped catalog, oldest first, which the tests and tools
-# run and `make wheelhouse` carries (0.6.12 does not import on 3.11); the catalog also holds
-# releases by their layouts only (`cachectl catalog list`), which nothing here installs.
+# The releases the tests and tools run, oldest first, and `make wheelhouse` carries: one of
+# each line's layouts and maths (0.6.12 does not import on 3.11). The shipped catalog holds
+# more, by their layouts and most by their fingerprints too (`cachectl catalog list`);
+# nothing here installs those.
 CATALOG_RELEASES = ("0.4.12", "0.5.4", "0.6.13", "0.9.2", "0.9.16", "1.0.3", "1.0.9", "1.0.15", "1.0.20", "1.0.31")
 # The tests' "timm not in this cachectl's catalog" (as a release newer than cachectl is): they take
 # it out of the catalog they load (conftest.catalog_without).
