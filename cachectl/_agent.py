@@ -87,10 +87,10 @@ def empty_model(name, kwargs=None, pretrained_hook=None):
         try:
             with _params_on_meta(), _no_init():
                 model = timm.create_model(name, **kwargs)
+            _init_buffers(model)
         except Exception:  # any failure on meta: retry the plain way, errors surface there
             with _no_init():
                 model = timm.create_model(name, **kwargs)
-    _init_buffers(model)
     return model.eval()
 
 
@@ -98,6 +98,8 @@ def _init_buffers(model):
     # timm 1.0.23 and 1.0.24 skip a module's whole init when its parameters are on meta,
     # leaving position indices and zeroed biases as whatever memory held; the method
     # timm gives such modules (from 1.0.23) computes them again from the configuration.
+    # Some compute them on their parameters' device, meta: that fails, and the model is
+    # built with real parameters instead, its init whole.
     for module in model.modules():
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()

@@ -71,14 +71,23 @@ class _InitSkippedOnMeta(torch.nn.Module):
         return self.proj(x)[..., self.index] + self.k_bias
 
 
-def test_buffers_a_release_skips_on_meta_are_computed_not_left_as_memory(monkeypatch):
+class _InitOnParameterDevice(_InitSkippedOnMeta):
+    """timm 1.0.23's Swin V2: the skipped init, made again, computes on the parameters' device."""
+
+    def init_non_persistent_buffers(self):
+        self.index.copy_(torch.tensor([3, 1, 2, 0], device=self.proj.weight.device))
+        self.k_bias.zero_()
+
+
+@pytest.mark.parametrize("module", [_InitSkippedOnMeta, _InitOnParameterDevice])
+def test_buffers_a_release_skips_on_meta_are_computed_not_left_as_memory(monkeypatch, module):
     agent = _fingerprint.load_agent()
-    monkeypatch.setattr(timm, "create_model", lambda name, **kw: _InitSkippedOnMeta())
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: module())
     built = agent["empty_model"]("like_swin_in_1_0_23")
-    assert built.proj.weight.is_meta  # the fast path, the one that skipped the init
+    assert built.proj.weight.is_meta == (module is _InitSkippedOnMeta)  # else built with real parameters
     assert torch.equal(built.index, torch.tensor([3, 1, 2, 0])) and not built.k_bias.any()
     got = _fingerprint.fingerprint_name("like_swin_in_1_0_23", agent)["fingerprint"]
-    plain = _fingerprint.fingerprint(_InitSkippedOnMeta())
+    plain = _fingerprint.fingerprint(module())
     assert (got["values"], got["sum"], got["weights"]) == (plain["values"], plain["sum"], plain["weights"])
 
 
