@@ -658,7 +658,7 @@ class Cache:
             state = "pending" if l is None or l.timm != e.timm else ("failed" if l.error else "ready")
             out["environments"][e.name] = {
                 "timm": e.timm, "state": state, "error": l.error if l and state == "failed" else None,
-                "converted": dataclasses.asdict(c) if c and state == "ready" else None,
+                "converted": _converted_json(c) if c and state == "ready" else None,
                 "path": str(self.store.converted_path(c)) if c and state == "ready" else None,
             }
         return out
@@ -943,3 +943,13 @@ class Cache:
                     problems.append("view %s: %s (%s) no longer loads strictly into %s: %s" % (
                         env.name, s["pretrained"], blob, c.model, mismatch.describe()))
         return problems
+
+
+def _converted_json(c: Converted) -> dict:
+    """A converted entry as `show --json` gives it: `sha256` is the file's own or null."""
+    out = dataclasses.asdict(c)
+    if c.recipe:
+        # named by its recipe, never hashed (README: "A converted file is named by its
+        # recipe"): its sha256 is not known here, and the recipe's name is not it
+        out["recipe_name"], out["sha256"] = out["sha256"], None
+    return out

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import cachectl
 from cachectl import tempnames
 from cachectl.cli import main
+from cachectl.store import sha256_file
 from conftest import INSTALLED, make_checkpoint, python_for, run_in
 
 SMALL = "mobilenetv3_small_050"
@@ -74,6 +75,9 @@ def test_add_list_show_and_path_per_environment(root, tmp_path):
         converted = json.loads(cli("show", "levit", "--json").output)["environments"][env]["converted"]
         got = run_in(release, {"name": converted["model"], "kwargs": converted["model_kwargs"]}, path, tmp_path)
         assert (got - made.logits).abs().max().item() <= 1e-5
+        # a sha256 shown is the file's; a file named by its recipe shows that name instead
+        assert converted["sha256"] in (None, sha256_file(path))
+        assert converted["sha256"] is not None or converted["recipe_name"] in path.name
 
     shown = json.loads(cli("show", "levit@1", "--json").output)
     assert shown["source"]["sha256"] == row["sha256"]
