@@ -39,6 +39,20 @@ def _starter() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cachectl-writeback")
 
 
+_in_place = False  # no thread could be started (a tight address-space limit): calls are made here
+
+
+def _start(*call) -> concurrent.futures.Future | None:
+    global _in_place
+    if not _in_place:
+        try:
+            return _starter().submit(*call)
+        except RuntimeError:  # "can't start new thread": its stack does not fit the limit
+            _in_place = True  # the call it queued never runs, since no thread ever will
+    call[0](*call[1:])
+    return None
+
+
 class Writeback:
     """Follows a file written from its start, starting the disk on each STEP written.
 
@@ -63,5 +77,5 @@ class Writeback:
         if end - self._started >= self.step:
             fn = _sync_file_range()
             if fn is not None:  # advice only: a failure leaves the work to the fsync
-                self._last = _starter().submit(fn, self.fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
+                self._last = _start(fn, self.fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
             self._started = end
