@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import functools
+import os
 
 STEP = 4 * 1024 * 1024  # bytes gathered before the disk is started on them
 _SYNC_FILE_RANGE_WRITE = 2
@@ -37,6 +38,11 @@ def _sync_file_range():
 def _starter() -> concurrent.futures.ThreadPoolExecutor:
     # one for the process: the calls of every file go to the same disk, in order
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cachectl-writeback")
+
+
+# A forked child inherits the executor but not its thread: the executor counts the thread as
+# running and never starts another, so every call queued in the child would wait forever.
+os.register_at_fork(after_in_child=_starter.cache_clear)
 
 
 _in_place = False  # no thread could be started (a tight address-space limit): calls are made here

@@ -274,3 +274,29 @@ def test_a_killed_process_scratch_folder_is_removed_by_the_next_target():
         living.wait()
     with Target():
         assert not live_tmp.exists()
+
+
+def test_a_process_forked_after_a_write_writes_too(tmp_path):
+    # the daemon's and the tests' children are forked from a process that has written before
+    import os
+    import signal
+    import time
+
+    from cachectl import safetensors_io
+
+    big = {"w": torch.ones(3 * 1024 * 1024)}  # 12 MB: more than one writeback step
+    safetensors_io.write(tmp_path / "parent.safetensors", big, {})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            safetensors_io.write(tmp_path / "child.safetensors", big, {})
+        finally:
+            os._exit(0)
+    end = time.monotonic() + 60
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > end:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's write hung")
+        time.sleep(0.05)
+    assert torch.equal(load_file(tmp_path / "child.safetensors")["w"], big["w"])
