@@ -11,9 +11,12 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable, TypeVar
 
 from .errors import CachectlError
 from .layout import Layout
+
+T = TypeVar("T")
 
 # 2: each release stored as its changes from the one before (1: every release whole)
 FORMAT_VERSION = 2
@@ -155,6 +158,15 @@ class Catalog:
         self._data = expand(data, path)
         self.releases: tuple[str, ...] = tuple(sorted(self._data["releases"], key=version_key))
         self._specs = [tuple(s) for s in data["classifier_specs"]]
+        self._remembered: dict[Hashable, object] = {}
+
+    def remember(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """What `compute` answers from this catalog for `key`, computed once per catalog: a
+        daemon meets the same layouts and models file after file. Answers go with the
+        catalog when it is replaced (an environment catalogued anew)."""
+        if key not in self._remembered:
+            self._remembered[key] = compute()
+        return self._remembered[key]  # type: ignore[return-value]
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Catalog":

@@ -515,7 +515,11 @@ def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Tar
         # plan and release in a process, whatever the number of files
         key = _json(["proof", release, name, attempt.name, spec.name, spec.kwargs])
         return target.remember(key, lambda: run(release, name, fp))
-    math = _math_by_fingerprints(ckpt, tag, spec, target.info().timm, catalog, run_once)
+    # the same for every file of this model, plan and target: a refusal (raised) is not kept
+    info = target.info()
+    math = catalog.remember(
+        ("math", info.python, info.timm, tag.best.architecture, tag.best.timm_versions, attempt.name, _json([spec.name, spec.kwargs])),
+        lambda: _math_by_fingerprints(ckpt, tag, spec, info.timm, catalog, run_once))
     odd = _tables_unlike_target(attempt.state, spec, target)
     if odd and not math.startswith("math: unverified"):
         math += "; %sthe file's %s differ from the tables timm %s derives for %s, which the fingerprints and proofs use" % (

@@ -224,18 +224,29 @@ def _identify_layout(layout: Layout, ckpt: Checkpoint, catalog: Catalog, model: 
                      prefix: str, *, partial: bool) -> Tag | None:
     # an exact match needs the index only; the catalog's layouts (2 s, 300 MB to read) are
     # read only when there is none
-    candidates = _exact(layout, catalog)
+    candidates = list(_exact_across_renames(layout, catalog))
     if not candidates and len(layout.tensors) * PARTIAL_FLOOR > catalog.largest_layout():
         # no catalogued model has this many tensors, nor matches a share of them: said at
         # once, not after a pass over all of them per classifier (100,000 tensors: seconds)
         return None
-    candidates = candidates or _but_classifier(layout, catalog)
-    if not candidates and partial:
-        candidates = _partial(layout, catalog)
     if not candidates:
-        return None
-    candidates = _across_renames(candidates, layout, catalog)
+        candidates = _but_classifier(layout, catalog)
+        if not candidates and partial:
+            candidates = _partial(layout, catalog)
+        if not candidates:
+            return None
+        candidates = _across_renames(candidates, layout, catalog)
     return _decide(candidates, ckpt, catalog, model, prefix)
+
+
+def _exact_across_renames(layout: Layout, catalog: Catalog) -> tuple[Candidate, ...]:
+    # once per layout and catalog: a cluster's files are mostly a few architectures saved
+    # again and again, and the exact candidates (about 2 ms to gather) read of a file only
+    # its keys and shapes
+    def gather() -> tuple[Candidate, ...]:
+        candidates = _exact(layout, catalog)
+        return tuple(_across_renames(candidates, layout, catalog)) if candidates else ()
+    return catalog.remember(("exact", layout.layout_id), gather)
 
 
 def _group(entries: list[ModelEntry], confidence: str, score: float, num_classes_of) -> list[Candidate]:
@@ -396,10 +407,11 @@ def math_agrees(catalog: Catalog, a: Candidate, b: Candidate) -> bool:
     """
     if a.architecture == b.architecture:
         return True
-    groups = _rename_groups(catalog, sorted({a.architecture, b.architecture}))
-    if groups[a.architecture] == groups[b.architecture]:
-        return True
-    return _fingerprints_agree(catalog, a, b) is True
+
+    def decide() -> bool:
+        groups = _rename_groups(catalog, sorted({a.architecture, b.architecture}))
+        return groups[a.architecture] == groups[b.architecture] or _fingerprints_agree(catalog, a, b) is True
+    return catalog.remember(("math_agrees", a, b), decide)
 
 
 def _fingerprints_agree(catalog: Catalog, a: Candidate, b: Candidate) -> bool | None:

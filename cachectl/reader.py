@@ -12,11 +12,13 @@ import pickle
 import re
 import stat
 import struct
+import threading
 import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -86,7 +88,7 @@ def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint
 def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints: Hints) -> Checkpoint:
     with open(via, "rb") as f:
         head = f.read(9)
-    base = None
+    base, header_layout = None, None
     if head[:4] == b"PK\x03\x04":
         with _open_zip(weights, via, size) as z:
             mapped = _mapped_zip(z, via, size)
@@ -94,7 +96,7 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
     elif _looks_like_safetensors(head):
-        tensors, metadata, base = _safetensors(weights, via, size)
+        tensors, metadata, base, header_layout = _safetensors(weights, via, size)
         fmt = "safetensors"
         obj = tensors
     elif head[:2] == b"\x80\x02" or head[:1] == b"\x80":
@@ -111,7 +113,10 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
     state, prefix = _strip_prefixes(state)
     _check_extent(weights, state)
     hints = _merge_hints(hints, extras, metadata)
-    layout = Layout.from_specs({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()})
+    if header_layout is not None and not prefix and list(state) == list(obj):
+        layout = header_layout  # the header's own entries, in its order
+    else:
+        layout = Layout.from_specs({k: TensorSpec(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items()})
     if fmt == "torch-zip" and base is None:
         base = _zip_base(via, state)
     return Checkpoint(
@@ -253,13 +258,63 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 0 < n <= SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{"
 
 
-def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None]:
+def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None, Layout]:
     with open(via, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         raw = f.read(n)
     if len(raw) < n:
         raise CheckpointError(path, "truncated safetensors file (the header is cut short)",
                               "Copy the file again from its source.")
+    header = _parsed_header(path, raw)
+    data_start = 8 + n
+    if data_start + header.end > size:
+        raise CheckpointError(
+            path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + header.end),
+            "Copy the file again from its source; if a copy is still running, wait for it to finish.",
+        )
+    raw_bytes = _map(via, size)
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the mapping viewed once per dtype
+    tensors = {}
+    for key, dtype, shape, strides, begin, stop in header.entries:
+        begin, stop = data_start + begin, data_start + stop
+        width = dtype.itemsize
+        if begin % width:  # unaligned: only a copy can be viewed as a wider dtype
+            tensors[key] = raw_bytes[begin:stop].clone().view(dtype).reshape(shape)
+            continue
+        if dtype not in typed:
+            typed[dtype] = raw_bytes[:size - size % width].view(dtype)
+        # one call per tensor, not a slice, a view and a reshape: 320 tensors, 1 ms less
+        tensors[key] = typed[dtype].as_strided(shape, strides, begin // width)
+    base = raw_bytes.data_ptr() if size else None
+    return tensors, dict(header.metadata), base, header.layout
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A safetensors header, parsed and checked: each tensor as (key, dtype, shape, strides,
+    data offsets), the metadata, where the data ends, and the layout it makes."""
+
+    entries: tuple[tuple[str, torch.dtype, list[int], list[int], int, int], ...]
+    metadata: Mapping[str, str]
+    end: int
+    layout: Layout
+
+
+# Headers parsed and checked, by their bytes: the files of one architecture saved by one
+# tool have byte-identical headers (same keys, shapes and offsets), so a daemon taking in
+# hundreds of them parses each kind once (ResNet-50's 320 entries: about 2 ms each time).
+_HEADERS: "OrderedDict[bytes, _Header]" = OrderedDict()
+_HEADERS_KEPT = 32
+_HEADER_KEPT_BYTES = 1 << 20  # a model's header is tens of KB; a larger one is not remembered
+_headers_lock = threading.Lock()
+
+
+def _parsed_header(path: Path, raw: bytes) -> _Header:
+    with _headers_lock:
+        known = _HEADERS.get(raw)
+        if known is not None:
+            _HEADERS.move_to_end(raw)
+            return known
     try:
         header = json.loads(raw)
     except RecursionError:
@@ -273,29 +328,17 @@ def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tens
     if not isinstance(metadata, dict):
         raise CheckpointError(path, "damaged safetensors header (__metadata__ is not an object)",
                               "Copy the file again from its source.")
-    data_start = 8 + n
     end = _check_entries(path, header)
-    if data_start + end > size:
-        raise CheckpointError(
-            path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + end),
-            "Copy the file again from its source; if a copy is still running, wait for it to finish.",
-        )
-    raw_bytes = _map(via, size)
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the mapping viewed once per dtype
-    tensors = {}
-    for key, info in header.items():
-        dtype = _ST_DTYPES[info["dtype"]]
-        begin, stop = (data_start + o for o in info["data_offsets"])
-        width = dtype.itemsize
-        if begin % width:  # unaligned: only a copy can be viewed as a wider dtype
-            tensors[key] = raw_bytes[begin:stop].clone().view(dtype).reshape(info["shape"])
-            continue
-        if dtype not in typed:
-            typed[dtype] = raw_bytes[:size - size % width].view(dtype)
-        # one call per tensor, not a slice, a view and a reshape: 320 tensors, 1 ms less
-        tensors[key] = typed[dtype].as_strided(info["shape"], _contiguous_strides(info["shape"]), begin // width)
-    base = raw_bytes.data_ptr() if size else None
-    return tensors, {str(k): str(v) for k, v in metadata.items()}, base
+    entries = tuple((key, _ST_DTYPES[info["dtype"]], info["shape"], _contiguous_strides(info["shape"]), *info["data_offsets"])
+                    for key, info in header.items())
+    layout = Layout.from_specs({key: TensorSpec(tuple(shape), dtype_name(dtype)) for key, dtype, shape, *_ in entries})
+    parsed = _Header(entries, MappingProxyType({str(k): str(v) for k, v in metadata.items()}), end, layout)
+    if len(raw) <= _HEADER_KEPT_BYTES:
+        with _headers_lock:
+            _HEADERS[raw] = parsed
+            if len(_HEADERS) > _HEADERS_KEPT:
+                _HEADERS.popitem(last=False)
+    return parsed
 
 
 def _contiguous_strides(shape: list[int]) -> list[int]:

@@ -129,3 +129,24 @@ def test_shell_completion_offers_commands():
     env = {"_CACHECTL_COMPLETE": "bash_complete", "COMP_WORDS": "cachectl pr", "COMP_CWORD": "1"}
     result = CliRunner().invoke(main, [], env=env, prog_name="cachectl")
     assert result.output.split() == ["plain,prune"]
+
+
+def test_files_of_one_header_are_each_identified_by_what_they_say(tmp_path):
+    # a process remembers headers and layouts it has met: byte-identical headers under
+    # other names must still be told apart by their names, and an anonymous one said ambiguous
+    import timm
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in timm.create_model("tf_efficientnet_b0").state_dict().items()}
+    first = tmp_path / "tf_efficientnet_b0.safetensors"
+    save_file(state, first)
+    answers = {}
+    for name in ("tf_efficientnet_b0", "efficientnet_b0", "model_best", "tf_efficientnet_b0"):
+        path = tmp_path / (name + ".safetensors")
+        if path != first:
+            path.write_bytes(first.read_bytes())
+        report = json.loads(invoke("inspect", path, "--json").output)
+        answers.setdefault(name, []).append((report["source_architecture"], report["confidence"]))
+    assert answers["tf_efficientnet_b0"] == [("tf_efficientnet_b0", "exact")] * 2
+    assert answers["efficientnet_b0"] == [("efficientnet_b0", "exact")]
+    assert answers["model_best"][0][1] == "ambiguous"
