@@ -1,6 +1,6 @@
 """PiT across the 0.9 move of pooling to the stage start, both ways, proven on outputs.
 
-Distilled PiT also changed math without changing keys: timm 0.9.2-1.0.24 feed the class
+Distilled PiT also changed math without changing keys: timm 0.9.0-1.0.24 feed the class
 token to `head_dist` too, 0.6.13 and 1.0.31 the distillation token, so only releases on
 the same side of that bug can share a distilled checkpoint."""
 import pytest

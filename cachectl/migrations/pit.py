@@ -1,7 +1,7 @@
 """PiT: timm 0.9 moved each pooling layer from the end of a transformer stage to the
 start of the next (`transformers.S.pool` -> `transformers.S+1.pool`), same math.
 
-Distilled models also changed math with no change of keys: timm 0.9.2 to 1.0.24 feed
+Distilled models also changed math with no change of keys: timm 0.9.0 to 1.0.24 feed
 the class token to both heads (`x_dist = head_drop(x)`), 0.6.13 and earlier and 1.0.25 on
 feed the distillation token to `head_dist` (found by the fingerprints of 1.0.22, 1.0.23
 and 1.0.25; the source of 1.0.24 has the same line as 1.0.23's). Weights cannot make one compute the other,
@@ -29,5 +29,5 @@ def _downgrade(state):
 
 
 register(Migration(("pit",), "pool-at-stage-start", _is_old, _upgrade, _downgrade))
-register_math_change(MathChange(("pit",), lambda name: "distilled" in name, "0.9.2", "1.0.24",
-                                 "its head_dist reads the class token in timm 0.9.2 to 1.0.24"))
+register_math_change(MathChange(("pit",), lambda name: "distilled" in name, "0.9.0", "1.0.24",
+                                 "its head_dist reads the class token in timm 0.9.0 to 1.0.24"))
