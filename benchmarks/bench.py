@@ -134,7 +134,7 @@ class Row:
     copy: float
     copy_sync: float
     convert: float
-    how: str  # linked, or the kernel copies a written conversion made
+    how: str  # linked, or the runs of the source a written conversion copied
     read: float  # reading the stored blob (header, lazy tensors): a fixed cost of each conversion
     sha256: float  # hashing the stored blob's bytes once: what naming the output by content costs
     file_to_file: float
@@ -172,7 +172,7 @@ def measure(source: Source, src: Path, work: Path) -> Row:
         file_to_file = time.perf_counter() - start
         out.unlink()
     shutil.rmtree(work / "root")
-    how = "linked" if converted.size == 0 else "%d kernel copies" % result.kernel_copies
+    how = "linked" if converted.size == 0 else "%d runs copied" % result.source_runs
     by_hand = _by_hand(source.model, src, work / "hand.safetensors")
     return Row(source, src.suffix, src.stat().st_size, statistics.median(copies), statistics.median(synced),
                statistics.median(converts), how, read_s, sha_s, file_to_file, by_hand)

@@ -41,7 +41,7 @@ PHASES = [
     ("  convert for each environment", "cache.py", "convert_for"),
     ("    prepare: plan and strict check", "convert.py", "prepare"),
     ("      asking the target timm (agent round trips)", "target.py", "_call"),
-    ("    write the converted file (kernel copies, fsync)", "convert.py", "write_prepared"),
+    ("    write the converted file (source runs in 4 MB blocks, fsync)", "convert.py", "write_prepared"),
     ("  manifests (json + fsync each)", "store.py", "write_json"),
     ("  locks", "store.py", "lock"),
     ("  views refreshed", "cache.py", "refresh_views"),

@@ -88,7 +88,7 @@ class Conversion:
     parts: tuple[Part, ...] = ()  # a wrapped checkpoint: each timm model in it
     passthrough: int = 0  # keys outside every timm model, written back unchanged
     recipe: Recipe | None = None  # how the output is made of the source, given the source's sha256
-    kernel_copies: int = 0  # stretches of the source copied by the kernel, not through this process
+    source_runs: int = 0  # stretches of the source copied unchanged, each read once
 
 
 @dataclass(frozen=True)
@@ -583,7 +583,7 @@ def write_prepared(prepared: Prepared, output: Path, source_sha256: str | None =
         source=ckpt.path, output=output, source_sha256=digest, source_timm_versions=tag.best.timm_versions,
         target_timm=prepared.target_timm, model=choice, steps=prepared.attempt.steps, tag=tag, size=written.size,
         container=ckpt.container, other_containers=ckpt.other_containers, parts=prepared.parts,
-        passthrough=len(prepared.passthrough), recipe=written.recipe, kernel_copies=written.copies,
+        passthrough=len(prepared.passthrough), recipe=written.recipe, source_runs=written.source_runs,
     )
 
 

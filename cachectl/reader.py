@@ -54,7 +54,7 @@ class Checkpoint(Header):
 
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     # offset in `weights` where a tensor's bytes lie unchanged, None if they do not
-    # (so a writer can have the kernel copy them); tensors are never modified in place
+    # (so a writer can copy them from the file); tensors are never modified in place
     span: Callable[[torch.Tensor], int | None] | None = field(default=None, repr=False, compare=False)
 
 

@@ -1,20 +1,25 @@
 """Write safetensors atomically (hidden temporary, one fsync, rename), in one pass.
 
-Tensors that are untouched bytes of the source file are copied by the kernel
-(copy_file_range: a reflink where the filesystem shares extents, an in-kernel copy
-elsewhere), never through this process. They are laid out in the order they lie in the
-source, so neighbours in the source stay neighbours in the output and each stretch of
-them is one copy: a safetensors file whose tensors were only renamed is a new header and
-one copy of its whole data region. Only tensors made in memory (filled buffers, results
-of a migration that computes) are written from this process. safetensors itself wants
-the data region covered by the tensors without gaps, which this layout keeps, in any
-order of names.
+Tensors that are untouched bytes of the source file are read from it in place (never
+through torch), laid out in the order they lie in the source, so neighbours in the source
+stay neighbours in the output and each stretch of them is one run: a safetensors file
+whose tensors were only renamed is a new header and one run of its whole data region.
+Only tensors made in memory (filled buffers, results of a migration that computes) come
+from this process's tensors. safetensors itself wants the data region covered by the
+tensors without gaps, which this layout keeps, in any order of names.
+
+Every byte goes out in whole blocks of STEP at offsets that are multiples of STEP,
+gathered in one buffer from the source (pread) and from memory. The page cache then
+holds the file in large folios, which the disk writes fast: per-run `copy_file_range`
+calls that start mid-page left a zip `.pth` (one run per record) 1.6x a synced copy,
+its fsync alone 1.5x, and paid 1.2x to 1.9x more where a run moved within its page;
+gathered blocks are 1.0x whatever the runs and moves (`python -m benchmarks.write_path`).
 
 A file written from a source can be named by its recipe instead of its bytes (`Recipe`):
 the header's sha256, each run copied from the source as its offset and size, and the
 sha256 of each run written from memory. With the source's own sha256 that fixes every byte
-of the output, so the output is never hashed: hashing it ran at the speed of the kernel's
-copy and was the whole cost a conversion had over a copy. `check_recipe` proves a file
+of the output, so the output is never hashed: hashing it ran at the speed of the copy
+and was the whole cost a conversion had over a copy. `check_recipe` proves a file
 against its recipe by comparing it with the source.
 """
 from __future__ import annotations
@@ -32,11 +37,10 @@ import torch
 
 from .reader import ST_NAMES
 from .tempnames import temp_path
-from .writeback import Writeback
+from .writeback import STEP, Writeback
 
 CHUNK = 64 * 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024
-PAGE = 4096
 # Deferred metadata values (hex sha256 digests) are written last over a placeholder of
 # the same width, so they can be computed while the data is written.
 DEFERRED_WIDTH = 64
@@ -74,13 +78,13 @@ class Recipe:
 @dataclass(frozen=True)
 class Written:
     size: int  # bytes in the file
-    copies: int  # kernel copies made: 1 for a safetensors file whose tensors were only renamed
+    source_runs: int  # stretches copied from the source: 1 for a safetensors file whose tensors were only renamed
     recipe: Recipe | None = None  # when asked for
 
 
 @dataclass(frozen=True)
 class _Run:
-    """Output bytes that come from one place: `at` in the source (kernel-copied) or,
+    """Output bytes that come from one place: `at` in the source (read from it unchanged) or,
     with at=None, the tensors `keys` from memory."""
 
     keys: tuple[str, ...]
@@ -103,8 +107,8 @@ def write(
 
     `span(t)` gives the offset in `source` where t's bytes lie unchanged, or None.
     `recipe`: also return the file's recipe, which names it without hashing it (only the
-    header and the runs from memory are hashed, on another thread while the kernel
-    copies). `sync_folder=False` leaves the folder's fsync to a caller that renames the file
+    header and the runs from memory are hashed, on another thread while the file is
+    written). `sync_folder=False` leaves the folder's fsync to a caller that renames the file
     again (the store does, into its final folder).
     """
     deferred = deferred or {}
@@ -128,26 +132,31 @@ def write(
         for key in sorted(tensors):  # names in order; their bytes in the source's order
             t = tensors[key]
             header[key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": list(offsets[key])}
-        pad = _page_pad(len(_framed(header)), runs, offsets)
-        head = _framed(header, pad)
+        head = _framed(header)
         path = Path(path)
         tmp = temp_path(path)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             # a few MB at most: filled buffers and what a migration computed
             recipe_of = pool.submit(_recipe, head, runs, tensors) if recipe else None
             try:
-                # unbuffered: kernel copies move the file offset underneath any buffer
                 with open(tmp, "wb", buffering=0) as f:
                     with Writeback(f.fileno()) as disk:
-                        _write_all(f, head, disk)
-                        copies = sum(_put(f, run, tensors, src_fd, disk) for run in runs)
+                        out = _Blocks(f.fileno(), disk, source)
+                        out.put(memoryview(head))
+                        for run in runs:
+                            if run.at is not None:
+                                out.copy(src_fd, run.at, run.size)
+                            else:
+                                for key in run.keys:
+                                    for block in _blocks(tensors[key], CHUNK):
+                                        out.put(block)
+                        out.flush()
                     if deferred:
                         header["__metadata__"] = {**meta, **{k: fn() for k, fn in deferred.items()}}
-                        final = _framed(header, pad)
+                        final = _framed(header)
                         if len(final) != len(head):
                             raise ValueError("deferred metadata must be %d characters" % DEFERRED_WIDTH)
-                        f.seek(0)
-                        _write_all(f, final, None)
+                        os.pwrite(f.fileno(), final, 0)
                     os.fsync(f.fileno())
                 made = recipe_of.result() if recipe_of else None
                 os.replace(tmp, path)
@@ -159,7 +168,7 @@ def write(
             os.close(src_fd)
     if sync_folder:
         _fsync_dir(path.parent)
-    return Written(len(head) + offset, copies, made)
+    return Written(len(head) + offset, sum(run.at is not None for run in runs), made)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -183,14 +192,45 @@ def _runs(tensors: Mapping[str, torch.Tensor], at: Mapping[str, int | None]) -> 
     return runs
 
 
-def _put(f, run: _Run, tensors: Mapping[str, torch.Tensor], src_fd: int | None, disk: Writeback) -> int:
-    """Write one run; the kernel copies it when it can. Returns the kernel copies made."""
-    if run.at is not None and _kernel_copy(src_fd, f, run.at, run.size, disk):
-        return 1
-    for key in run.keys:
-        for block in _blocks(tensors[key], CHUNK):
-            _write_all(f, block, disk)
-    return 0
+class _Blocks:
+    """The output, gathered into blocks of STEP bytes, each written whole at a multiple of
+    STEP, the disk started on each (see the module's docstring for why)."""
+
+    def __init__(self, fd: int, disk: Writeback, source: Path | None):
+        self.fd, self.disk, self.source = fd, disk, source
+        self.view = memoryview(bytearray(STEP))
+        self.fill = 0  # bytes gathered in the block
+        self.written = 0  # bytes in the file
+
+    def put(self, data: memoryview) -> None:
+        data = data.cast("B")
+        while data:
+            take = min(len(data), STEP - self.fill)
+            self.view[self.fill:self.fill + take] = data[:take]
+            self.fill += take
+            data = data[take:]
+            if self.fill == STEP:
+                self.flush()
+
+    def copy(self, src_fd: int, at: int, n: int) -> None:
+        while n:
+            got = os.preadv(src_fd, [self.view[self.fill:self.fill + min(n, STEP - self.fill)]], at)
+            if not got:
+                raise ValueError("%s ends before byte %d, which it had when it was read: it changed while it was "
+                                 "converted. Convert it again once it is whole." % (self.source, at + n))
+            self.fill += got
+            at += got
+            n -= got
+            if self.fill == STEP:
+                self.flush()
+
+    def flush(self) -> None:
+        block = self.view[:self.fill]
+        while block:
+            block = block[os.write(self.fd, block):]
+        self.written += self.fill
+        self.fill = 0
+        self.disk.reached(self.written)
 
 
 def _blocks(t: torch.Tensor, size: int):
@@ -261,58 +301,10 @@ def _canonical(value) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _framed(header: dict, pad: int = 0) -> bytes:
+def _framed(header: dict) -> bytes:
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8 + pad)  # the data starts 8-aligned, as safetensors writes it
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-aligned, as safetensors writes it
     return struct.pack("<Q", len(blob)) + blob
-
-
-def _page_pad(data_start: int, runs: list[_Run], offsets: Mapping[str, tuple[int, int]]) -> int:
-    """Spaces to add to the header (a multiple of 8, under a page) so that the kernel copies fast.
-
-    The kernel copies a run fastest when its bytes keep their place within a page (0.7x
-    a copy and fsync of the whole file, docs/performance.md), slowest when they move 8 to 31 bytes
-    forward (1.5x to 1.9x: the CPU mistakes the stores for the loads they follow, "4K
-    aliasing"), and at about 1.1x otherwise. The spaces move every run alike; the pad
-    that costs least over the copied bytes is taken (the smallest among equals)."""
-    cost = [0] * (PAGE // 8)  # by pad / 8: bytes copied at the middle speed count 1, fast 0, slow 2
-    for run in runs:
-        if run.at is None:
-            continue
-        moved = (data_start + offsets[run.keys[0]][0] - run.at) % PAGE
-        for shift in range(moved % 8, 32, 8):  # the pads (multiples of 8) that move it 0 to 31 bytes
-            cost[(shift - moved) % PAGE // 8] += run.size * (-1 if shift == 0 else 1)
-    return 8 * cost.index(min(cost))
-
-
-def _write_all(f, data, disk: Writeback | None) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[f.write(view):]
-    if disk is not None:
-        disk.reached(f.tell())
-
-
-def _kernel_copy(src_fd: int, f, offset: int, n: int, disk: Writeback) -> bool:
-    """Copy n bytes at `offset` of the source into f by copy_file_range; False if refused.
-    A step at a time, so that the disk writes each while the kernel copies the next."""
-    dst_fd = f.fileno()
-    start = f.tell()
-    done = 0
-    try:
-        while done < n:
-            got = os.copy_file_range(src_fd, dst_fd, min(n - done, disk.step), offset + done)
-            if got == 0:
-                break
-            done += got
-            disk.reached(start + done)
-    except OSError:  # another filesystem or kernel that refuses: write it plainly
-        pass
-    if done == n:
-        return True
-    if done:
-        os.ftruncate(dst_fd, os.lseek(dst_fd, -done, os.SEEK_CUR))
-    return False
 
 
 def _fsync_dir(folder: Path) -> None:

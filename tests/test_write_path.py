@@ -1,4 +1,4 @@
-"""The write path: renamed tensors are one kernel copy, dropped and filled buffers leave the
+"""The write path: renamed tensors are one run copied from the source, dropped and filled buffers leave the
 rest untouched, and every output is a valid safetensors file that loads strictly, its
 tensors equal to the source's. Installed timm only (fast tier)."""
 import json
@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from cachectl.cache import Cache
 from cachectl.convert import convert
 from cachectl.errors import CachectlError
-from cachectl.safetensors_io import Recipe
+from cachectl.reader import read
+from cachectl.safetensors_io import Recipe, write
 from cachectl.store import sha256_file
 from cachectl.target import Target
 
@@ -40,7 +41,7 @@ def _loads_strictly(path, model: dict) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def test_renamed_safetensors_is_a_new_header_and_one_copy_of_its_data(target, tmp_path):
+def test_renamed_safetensors_is_a_new_header_and_one_run_of_its_data(target, tmp_path):
     state = _state("mobilenetv3_small_050")
     src = tmp_path / "net.safetensors"
     save_file({"module." + k: v for k, v in state.items()}, src)  # as DataParallel saves it
@@ -48,7 +49,7 @@ def test_renamed_safetensors_is_a_new_header_and_one_copy_of_its_data(target, tm
     out = tmp_path / "out.safetensors"
     result = convert(src, out, target)
 
-    assert result.kernel_copies == 1
+    assert result.source_runs == 1
     assert _data_region(out) == _data_region(src)  # the whole data region, byte for byte
     loaded = _loads_strictly(out, {"name": result.model.name, "kwargs": dict(result.model.kwargs)})
     assert loaded.keys() == state.keys()
@@ -80,10 +81,27 @@ def test_dropped_and_filled_buffers_leave_every_other_tensor_as_it_was(target, t
     assert loaded.keys() == state.keys()
     for k, v in state.items():  # kept tensors are the source's; filled ones a fresh model's
         assert torch.equal(loaded[k], v), k
-    assert result.kernel_copies > 0
+    assert result.source_runs > 0
     if fmt == "safetensors":
         # kept neighbours are copied together: at most one copy more than the gaps left
-        assert result.kernel_copies <= len(stale) + 1
+        assert result.source_runs <= len(stale) + 1
+
+
+def test_a_source_cut_short_while_it_is_converted_is_refused_and_nothing_is_left(tmp_path):
+    # a user's file rewritten between the read and the write: its tensors' bytes are read
+    # from the file at write time, so the file ending early must stop the write, not
+    # publish a file with a hole nor leave a temporary behind
+    state = _state("levit_128s")
+    src = tmp_path / "levit.safetensors"
+    save_file(state, src)
+    ckpt = read(src)
+    with open(src, "r+b") as f:
+        f.truncate(src.stat().st_size // 2)
+    out = tmp_path / "out" / "levit.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(ValueError, match="levit.safetensors ends before byte .* changed while it was converted"):
+        write(out, ckpt.tensors, {}, source=ckpt.weights, span=ckpt.span)
+    assert list(out.parent.iterdir()) == []
 
 
 def _levit_without_counters(tmp_path):
