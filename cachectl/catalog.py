@@ -149,6 +149,17 @@ def fingerprints_path() -> Path:
     return CATALOG_DIR / ("fingerprints-v%d.json.gz" % FINGERPRINTS_VERSION)
 
 
+def _per_catalog(method: Callable[..., T]) -> Callable[..., T]:
+    """`method`'s answers kept by the catalog object itself (`Catalog.remember`): a cache on
+    the class would hold every catalog a daemon ever loaded, and the tables they decoded."""
+
+    @functools.wraps(method)
+    def kept(self: "Catalog", *args):
+        return self.remember((method.__name__, *args), lambda: method(self, *args))
+
+    return kept
+
+
 class Catalog:
     def __init__(self, data: dict, path: Path):
         if data.get("format") != "cachectl-catalog" or data.get("version") != FORMAT_VERSION:
@@ -176,7 +187,7 @@ class Catalog:
         idx, family, spec, nc = row
         return ModelEntry(name, release, idx, family, self._specs[spec] if spec >= 0 else (), nc)
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def models(self, release: str) -> dict[str, ModelEntry]:
         return {name: self._entry(release, name, row) for name, row in self._data["releases"][release]["models"].items()}
 
@@ -235,7 +246,7 @@ class Catalog:
         rows = self._rows_by_layout().get(index, ())
         return [self._entry(release, name, row) for release, name, row in rows]
 
-    @functools.lru_cache(maxsize=1024)  # asked once per conversion: every release's table read, 5 ms
+    @_per_catalog  # asked once per conversion: every release's table read, 5 ms
     def renames(self, arch: str) -> tuple[str, ...]:
         """`arch`, its newer names (the releases' deprecation tables) and the older names
         that became it, newest release first."""
@@ -247,7 +258,7 @@ class Catalog:
             names += [old for old, new in table.items() if new.split(".")[0] == arch and old not in names]
         return tuple(names)
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def _rows_by_layout(self) -> dict[int, list[tuple[str, str, list]]]:
         """Every (release, name, row), by layout: one pass over the catalog, where each
         layout asked for was one pass (7 ms; the daemon asks once per conversion)."""
@@ -263,11 +274,11 @@ class Catalog:
     def classifier_specs(self) -> list[tuple[str, ...]]:
         return list(self._specs)
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def _layout_index(self) -> dict[str, int]:
         return {lid: i for i, lid in enumerate(self._data["layout_ids"])}
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def _by_body(self) -> dict[tuple, list[ModelEntry]]:
         bodies = {(li, si): bid for li, si, bid in self._data["bodies"]}
         spec_index = {s: i for i, s in enumerate(self._specs)}
@@ -279,14 +290,14 @@ class Catalog:
                     by_body[(entry.classifier, body)].append(entry)
         return by_body
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def _layouts(self) -> list:
         path = layouts_path() if self.path == index_path() else self.path.with_name(
             self.path.name.replace("index-", "layouts-"))
         with gzip.open(path, "rt") as f:
             return json.load(f)
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def _fingerprints(self) -> dict:
         path = fingerprints_path() if self.path == index_path() else self.path.with_name(
             "fingerprints-v%d.json.gz" % FINGERPRINTS_VERSION)
@@ -301,12 +312,12 @@ class Catalog:
             return {}  # another format: unknown, never misread
         return data["releases"]
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def largest_layout(self) -> int:
         """The most tensors any catalogued layout has."""
         return max((len(rows) for rows in self._layouts()), default=0)
 
-    @functools.lru_cache(maxsize=None)
+    @_per_catalog
     def layout_key_sets(self) -> list[tuple[int, frozenset]]:
         return [(i, frozenset((k, tuple(s)) for k, s, _ in rows)) for i, rows in enumerate(self._layouts())]
 

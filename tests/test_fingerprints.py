@@ -316,3 +316,23 @@ def test_a_file_carrying_other_derived_tables_than_the_target_says_its_math_is_u
     tampered = convert(tmp_path / "tampered.safetensors", tmp_path / "tampered-out.safetensors", targets(INSTALLED))
     math = next(s for s in tampered.steps if s.startswith("math:"))
     assert "unverified: " in math and "the file's %s differ from the tables timm %s derives" % (key, timm.__version__) in math, tampered.steps
+
+
+def test_a_catalog_replaced_is_freed_with_the_tables_it_decoded():
+    # a daemon replaces its catalog each time an environment is catalogued anew: the old
+    # one (its decoded tables tens of MB) must go, not stay held by a cache on the class
+    import gc
+    import gzip
+    import weakref
+
+    from cachectl.catalog import index_path
+
+    with gzip.open(index_path(), "rt") as f:
+        catalog = Catalog(json.load(f), index_path())
+    catalog.models(catalog.releases[-1])
+    catalog.renames("resnet50")
+    catalog.layout_key_sets()
+    gone = weakref.ref(catalog)
+    del catalog
+    gc.collect()
+    assert gone() is None
