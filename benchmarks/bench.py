@@ -6,11 +6,15 @@ Everything runs in one warm process, as the daemon's workers do (torch, timm and
 catalog imported and loaded once). For each source, made here with real timm models and
 deleted after its rows:
   - convert: what the daemon does per environment for a file already in the store,
-    `Cache.convert_for` from the stored blob to a published converted entry, fsync
-    included; the median of 3 after a first conversion of the model (which pays the target
-    model's description and, for a migration, its math proof, once per process)
+    `Cache.convert_for` from the stored blob to a published converted entry and the
+    environment's new link to it, fsync included, after a first conversion of the model
+    (which pays the target model's description and, for a migration, its math proof, once
+    per process)
   - copy: `shutil.copyfile` of the same stored blob, without and with the sync policy of
     a conversion (fsync of the file and of its folder)
+  Each run times a copy, a synced copy and a conversion one after the other; a ratio is
+  the median over runs of that run's own ratio, so a disk that slows for a few seconds
+  slows both sides of it. Small files get more runs (their times are the noisiest).
   - file to file: `cachectl.convert()` as `cachectl convert` runs it, which hashes the
     source for the output's provenance on the other core
   - by hand: timm's own `create_model(pretrained=True)` from the file, then
@@ -33,7 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REPS = 3
+
+
+def reps(size: int) -> int:
+    """Runs per row: 9 up to 200 MB, 5 up to 600 MB, 3 beyond (each run copies the file twice)."""
+    return 9 if size <= 200e6 else 5 if size <= 600e6 else 3
 
 
 @dataclass(frozen=True)
@@ -103,11 +111,13 @@ def _clock(fn) -> float:
     return time.perf_counter() - start
 
 
-def _forget(cache, cid: str) -> None:
-    """Remove one converted entry (its file and manifest), so the next convert_for writes it again."""
-    c = cache.store.get_converted(cid)
+def _forget(cache, link) -> None:
+    """Remove one converted entry (its file and manifest) and the link to it, so the next
+    convert_for converts as for a file the environment has not seen."""
+    c = cache.store.get_converted(link.converted)
     cache.store.converted_path(c).unlink()
-    (cache.store.converted / ("%s.json" % cid)).unlink()
+    cache.store.remove_converted(link.converted)
+    cache.store.remove_link(link.env, link.source)
 
 
 def _by_hand(model: str, src: Path, out: Path) -> float | str:
@@ -131,9 +141,12 @@ class Row:
     source: Source
     fmt: str
     size: int
-    copy: float
+    runs: int
+    copy: float  # seconds, the median over runs
     copy_sync: float
     convert: float
+    over_copy: float  # convert / copy, the median over runs of each run's ratio
+    over_copy_sync: float
     how: str  # linked, or the runs of the source a written conversion copied
     read: float  # reading the stored blob (header, lazy tensors): a fixed cost of each conversion
     sha256: float  # hashing the stored blob's bytes once: what naming the output by content costs
@@ -155,14 +168,15 @@ def measure(source: Source, src: Path, work: Path) -> Row:
         env, sha = cache.env(link.env), added.source.sha256
         blob = cache.store.blob_path(sha)
         copies, synced, converts = [], [], []
-        for _ in range(REPS):
+        runs = reps(src.stat().st_size)
+        for _ in range(runs):
             copy = work / "copy"
             copies.append(_clock(lambda: shutil.copyfile(blob, copy)))
             copy.unlink()
             synced.append(_clock(lambda: (shutil.copyfile(blob, copy), _sync(copy))))
             copy.unlink()
-            _forget(cache, link.converted)
-            converts.append(_clock(lambda: cache.convert_for(sha, env, again=True)))
+            _forget(cache, link)
+            converts.append(_clock(lambda: cache.convert_for(sha, env)))
         converted = cache.store.get_converted(cache.store.get_link(env.name, sha).converted)
         read_s = _clock(lambda: read(blob))
         sha_s = _clock(lambda: sha256_file(blob))
@@ -174,8 +188,10 @@ def measure(source: Source, src: Path, work: Path) -> Row:
     shutil.rmtree(work / "root")
     how = "linked" if converted.size == 0 else "%d runs copied" % result.source_runs
     by_hand = _by_hand(source.model, src, work / "hand.safetensors")
-    return Row(source, src.suffix, src.stat().st_size, statistics.median(copies), statistics.median(synced),
-               statistics.median(converts), how, read_s, sha_s, file_to_file, by_hand)
+    median = statistics.median
+    return Row(source, src.suffix, src.stat().st_size, runs, median(copies), median(synced), median(converts),
+               median(c / s for c, s in zip(converts, copies)), median(c / s for c, s in zip(converts, synced)),
+               how, read_s, sha_s, file_to_file, by_hand)
 
 
 def conversions(sources: list[Source], work: Path) -> list[Row]:
@@ -197,16 +213,18 @@ def conversion_table(rows: list[Row]) -> list[str]:
         return "%.3f" % (a / b) if isinstance(a, float) else "-"
 
     out = [
-        "## Conversion in a warm process, against a copy of the same file (median of %d)" % REPS,
-        "| source | model | input | size | copy s | copy+sync s | convert s | convert / copy | convert / copy+sync "
+        "## Conversion in a warm process, against a copy of the same file",
+        "Times: medians over runs; convert / copy: the median of each run's own ratio.",
+        "",
+        "| source | model | input | size | runs | copy s | copy+sync s | convert s | convert / copy | convert / copy+sync "
         "| how | read s | sha256 s | file to file s | file to file / copy+sync | by hand s | convert / by hand |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hand = "%.2f" % r.by_hand if isinstance(r.by_hand, float) else r.by_hand
-        out.append("| %s | %s%s | %s | %.0f MB | %.3f | %.3f | %.3f | %s | %s | %s | %.3f | %.3f | %.3f | %s | %s | %s |" % (
-            r.source.kind, r.source.model, " (%s)" % r.source.note if r.source.note else "", r.fmt, r.size / 1e6,
-            r.copy, r.copy_sync, r.convert, ratio(r.convert, r.copy), ratio(r.convert, r.copy_sync), r.how,
+        out.append("| %s | %s%s | %s | %.0f MB | %d | %.3f | %.3f | %.3f | %.3f | %.3f | %s | %.3f | %.3f | %.3f | %s | %s | %s |" % (
+            r.source.kind, r.source.model, " (%s)" % r.source.note if r.source.note else "", r.fmt, r.size / 1e6, r.runs,
+            r.copy, r.copy_sync, r.convert, r.over_copy, r.over_copy_sync, r.how,
             r.read, r.sha256, r.file_to_file, ratio(r.file_to_file, r.copy_sync), hand, ratio(r.convert, r.by_hand)))
     return out
 
