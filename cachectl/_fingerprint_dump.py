@@ -2,9 +2,10 @@
 
     python cachectl/_fingerprint_dump.py OUT.jsonl [FIRST.txt [--first-only]]
 
-Appends one JSON line per model (resumable: a model already in OUT is skipped; one whose
-start marker has no result crashed the process and is recorded so, not retried), then a
-last line with the release's totals. Names listed in FIRST.txt (one a line) go first;
+Appends one JSON line per model (resumable: a model already in OUT is skipped; one started
+once without a result is tried again, since a build stopped from outside or a machine shut
+down leaves one such model behind; one started twice without a result crashed the process
+twice and is recorded so), then a last line with the release's totals. Names listed in FIRST.txt (one a line) go first;
 with --first-only the dump stops after them, unfinished. Used by cachectl/fingerprint_build.py; runs on torch
 and timm alone, with cachectl/_fingerprint.py (and the agent it builds models with).
 """
@@ -22,19 +23,22 @@ def main(out_path, first_path=None, first_only=False):
     import timm
     import torch
 
-    started, done = set(), set()
+    starts, done = {}, set()
     if os.path.exists(out_path):
         with open(out_path) as f:
             for line in f:
                 rec = json.loads(line)
-                (started if rec.get("started") else done).add(rec["model"])
+                if rec.get("started"):
+                    starts[rec["model"]] = starts.get(rec["model"], 0) + 1
+                else:
+                    done.add(rec["model"])
     if DONE in done:
         return 0
     agent = FP["load_agent"]()
     t0 = time.time()
     with open(out_path, "a") as out:
-        for name in started - done:
-            # its marker has no result: this model took the process down last time
+        for name in sorted(n for n, count in starts.items() if count >= 2 and n not in done):
+            # started twice, never finished: this model takes the process down
             out.write(json.dumps({"model": name, "error": "crashed the fingerprinting process"}) + "\n")
             done.add(name)
         names = timm.list_models()

@@ -4,7 +4,7 @@
     cachectl catalog build 0.9.2 --jobs 1         # (with a release already catalogued: its fingerprints)
 
 Each release runs cachectl/_fingerprint_dump.py at `nice -n 19` on one thread (resumable: a
-crash skips the model it happened in, and says so). Releases whose dump finished are
+model the process dies in is tried once more, then skipped and said to have crashed). Releases whose dump finished are
 merged into the shipped file as each finishes, beside the releases it already holds, so a
 long build can be committed release by release; `--first-only` fingerprints only the models
 the tests and the hand-written math-change tables name, and ships the release as partial. What a fingerprint is: cachectl/_fingerprint.py.

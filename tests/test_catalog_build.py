@@ -1,6 +1,8 @@
 """`cachectl catalog build`: a release is merged into the shipped catalog, each layout once."""
 import gzip
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -85,3 +87,29 @@ def test_a_release_that_does_not_import_is_said_to_at_once(tmp_path, monkeypatch
         dump(UNIMPORTABLE, say=lambda _: None)
     assert "timm 0.6.11 does not import in %s (ValueError: mutable default" % sys.executable in str(caught.value)
     assert "Catalogue it with a Python that imports it, or leave it out." in str(caught.value)
+
+
+def _fingerprint_dump(out, first):
+    """The fingerprint dump as `cachectl catalog build` runs it, under the installed timm."""
+    from cachectl.releases import BOOT, script
+
+    subprocess.run([sys.executable, "-c", BOOT, script("_fingerprint_dump.py"), str(out), str(first), "--first-only"],
+                   check=True, cwd="/", env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_a_model_the_dump_died_in_once_is_tried_again_and_twice_is_recorded_as_crashed(tmp_path):
+    """A build stopped from outside (a machine shut down, a session's end) leaves the model in
+    flight started without a result: it must be fingerprinted on resuming, not written off as
+    crashed; a model the process died in twice is recorded as crashed and not run a third time."""
+    first = tmp_path / "first.txt"
+    first.write_text("resnet18\n")
+    once = tmp_path / "once.jsonl"
+    once.write_text(json.dumps({"model": "resnet18", "started": True}) + "\n")
+    results = [r for r in _fingerprint_dump(once, first) if not r.get("started")]
+    assert [r["model"] for r in results] == ["resnet18"] and "fingerprint" in results[0], results
+
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text((json.dumps({"model": "resnet18", "started": True}) + "\n") * 2)
+    records = _fingerprint_dump(twice, first)
+    assert records[2:] == [{"model": "resnet18", "error": "crashed the fingerprinting process"}], records
