@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
 
-from . import __version__
+from . import __version__, numerics
 from .errors import CachectlError, few
 
 # rich is imported where a table or a spinner is drawn: a third of a quick command's
@@ -173,6 +173,7 @@ def main(ctx: click.Context, root: Path | None) -> None:
       cachectl pin swin_tiny@2 --env prod       freeze prod on version 2
       cachectl prune --keep-last 3 --dry-run    what pruning would free
     """
+    numerics.pin()  # before torch runs anything: proofs compare with the shipped fingerprints
     ctx.obj = root
 
 

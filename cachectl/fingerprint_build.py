@@ -1,4 +1,4 @@
-"""Build the math fingerprints shipped beside the catalog (cachectl/data/catalog/fingerprints-v1.json.gz).
+"""Build the math fingerprints shipped beside the catalog (cachectl/data/catalog/fingerprints-v2.json.gz).
 
     cachectl catalog build                        # every catalogued release not done yet, 2 at a time
     cachectl catalog build 0.9.2 --jobs 1         # (with a release already catalogued: its fingerprints)
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import numerics
 from .catalog import CATALOG_DIR, FINGERPRINTS_VERSION, fingerprints_path, version_key
 from .errors import CachectlError
 from .releases import BOOT, env_for, script, work_dir
@@ -34,6 +35,48 @@ FIRST = ("resnet18", "resnet50", "efficientnet_b0", "tf_efficientnet_b0", "tf_ef
          "swinv2_tiny_window8_256", "swinv2_tiny_window16_256", "resnetv2_50x1_bitm", "resnetv2_50x1_bit",
          "vit_base_patch16_224_in21k", "vit_base_patch16_224", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
          "levit_128s", "pit_ti_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224")
+
+
+# Models whose outputs move with the CPU's kernels by more than FINGERPRINT_RTOL unless the
+# kernels are pinned (cachectl/numerics.py), and resnet18, which barely moves
+SENTINELS = ("resnet18", "visformer_tiny", "repvit_m1", "efficientvit_m0", "resnest200e")
+
+
+def check_machine(say: Callable[[str], None] = print) -> None:
+    """CachectlError unless this machine reproduces the shipped fingerprints of the timm
+    installed beside cachectl: fingerprints it took could not be compared with the others."""
+    import tempfile
+
+    import timm
+
+    from .catalog import Catalog, Fingerprint, same_math
+
+    release, catalog = timm.__version__, Catalog.load()
+    shipped = {n: catalog.fingerprint(release, n) for n in SENTINELS}
+    shipped = {n: f for n, f in shipped.items() if f is not None}
+    if not shipped:
+        say("timm %s (beside cachectl) has no shipped fingerprints: this machine's kernels are not checked" % release)
+        return
+    with tempfile.TemporaryDirectory(prefix="cachectl-fp-check-") as tmp:
+        first, out = Path(tmp) / "first.txt", Path(tmp) / "out.jsonl"
+        first.write_text("\n".join(shipped) + "\n")
+        subprocess.run([sys.executable, "-c", BOOT, script("_fingerprint_dump.py"), str(out), str(first), "--first-only"],
+                       env=numerics.pinned(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")), cwd="/",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        got = {r["model"]: r["fingerprint"] for r in map(json.loads, out.read_text().splitlines()) if "fingerprint" in r}
+    off = []
+    for name, fp in shipped.items():
+        g = got.get(name)
+        again = g and Fingerprint(release, name, g["method"], g["weights"], tuple(g["input"]), tuple(g["shape"]),
+                                  g["sum"], g["abs"], tuple(g["values"]))
+        if same_math(fp, again) is not True:
+            off.append(name)
+    if off:
+        raise CachectlError(None, "this machine computes %s of timm %s otherwise than the machine that made the shipped "
+                                  "fingerprints, even with its kernels pinned to AVX2: fingerprints taken here would read "
+                                  "as math changes" % (", ".join(off), release),
+                            "Build the fingerprints on an x86-64 machine with AVX2, as the shipped ones were.")
+    say("this machine reproduces the shipped fingerprints of timm %s (%s)" % (release, ", ".join(shipped)))
 
 
 def dumps_dir() -> Path:
@@ -59,7 +102,7 @@ def dump(version: str, first_only: bool = False, say: Callable[[str], None] = pr
     out.parent.mkdir(parents=True, exist_ok=True)
     first = dumps_dir() / "first.txt"
     first.write_text("\n".join(first_names()) + "\n")
-    env = dict(env_for(version), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = numerics.pinned(dict(env_for(version), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     for attempt in range(50):
         if _finished(out):
             return out
@@ -102,8 +145,8 @@ def release_record(path: Path) -> dict:
             if "fingerprint" in rec:
                 fp = rec["fingerprint"]
                 methods.add(fp["method"])
-                models[name] = [fp["weights"], fp["input"], fp["shape"], _g(fp["sum"]), _g(fp["abs"]),
-                                [_g(v) for v in fp["values"]]]
+                models[name] = json.dumps([fp["weights"], fp["input"], fp["shape"], _g(fp["sum"]), _g(fp["abs"]),
+                                           [_g(v) for v in fp["values"]]], separators=(",", ":"))
             elif "skipped" in rec:
                 skipped[name] = rec["skipped"]
             else:
@@ -151,6 +194,8 @@ def summary(version: str, rel: dict) -> str:
 def build(versions: list[str], *, jobs: int = 2, first_only: bool = False, say: Callable[[str], None] = print) -> None:
     """Fingerprint `versions`, `jobs` at a time, each shipped as soon as its dump is done."""
     started = time.time()
+    if versions:
+        check_machine(say)
 
     def one(version: str) -> None:
         t0 = time.time()

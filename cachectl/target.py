@@ -22,6 +22,7 @@ from typing import Callable, Mapping, TypeVar
 
 import torch
 
+from . import numerics
 from .errors import TargetError
 from .layout import Layout
 from .tempnames import pid_alive, process_ticks
@@ -147,7 +148,7 @@ class Target:
                 self._proc = subprocess.Popen(
                     [self.python, "-c", _BOOT, str(AGENT), "serve"],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                    text=True, cwd=self._tmp, preexec_fn=_die_with_parent(os.getpid()),
+                    text=True, cwd=self._tmp, preexec_fn=_die_with_parent(os.getpid()), env=numerics.pinned(os.environ),
                 )
             except OSError as exc:
                 raise TargetError(self.python, "cannot run this interpreter (%s)" % exc.strerror,

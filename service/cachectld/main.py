@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cachectl import __version__
+from cachectl import __version__, numerics
 from cachectl.errors import CachectlError
 
 from . import config, logs
@@ -56,6 +56,7 @@ def main(root: Path | None, config_file: Path | None, watch: tuple[Path, ...], v
     from .daemon import Daemon
     from .notify import Notifier
 
+    numerics.pin()  # before torch runs anything, inherited by the workers it spawns
     logs.setup(logging.DEBUG if verbose else logging.INFO)
     flags = {k: v for k, v in settings.items() if v is not None}
     if watch:
