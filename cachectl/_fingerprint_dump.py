@@ -5,8 +5,8 @@
 Appends one JSON line per model (resumable: a model already in OUT is skipped; one started
 once without a result is tried again, since a build stopped from outside or a machine shut
 down leaves one such model behind; one started twice without a result crashed the process
-twice and is recorded so), then a last line with the release's totals. Names listed in FIRST.txt (one a line) go first;
-with --first-only the dump stops after them, unfinished. Used by cachectl/fingerprint_build.py; runs on torch
+twice and is recorded so), then a last line with the release's totals. Names listed in
+FIRST.txt (one a line) go first; with --first-only the dump stops after them, unfinished. Used by cachectl/fingerprint_build.py; runs on torch
 and timm alone, with cachectl/_fingerprint.py (and the agent it builds models with).
 """
 import json

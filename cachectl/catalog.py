@@ -11,7 +11,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, TypeVar
+from typing import Callable, Hashable, Mapping, TypeVar
 
 from .errors import CachectlError
 from .layout import Layout
@@ -75,6 +75,12 @@ class Fingerprint:
     total: float  # sum of the output
     abs_total: float  # sum of its absolute values
     values: tuple[float, ...]  # evenly spaced samples of the flattened output
+
+    @classmethod
+    def taken(cls, release: str, name: str, fp: Mapping) -> "Fingerprint":
+        """A fingerprint as cachectl/_fingerprint.py prints it."""
+        return cls(release, name, fp["method"], fp["weights"], tuple(fp["input"]), tuple(fp["shape"]), fp["sum"],
+                   fp["abs"], tuple(fp["values"]))
 
 
 def same_math(a: Fingerprint | None, b: Fingerprint | None, rtol: float = FINGERPRINT_RTOL) -> bool | None:

@@ -3,11 +3,14 @@
     cachectl catalog build                        # every catalogued release not done yet, 2 at a time
     cachectl catalog build 0.9.2 --jobs 1         # (with a release already catalogued: its fingerprints)
 
-Each release runs cachectl/_fingerprint_dump.py at `nice -n 19` on one thread (resumable: a
-model the process dies in is tried once more, then skipped and said to have crashed). Releases whose dump finished are
-merged into the shipped file as each finishes, beside the releases it already holds, so a
-long build can be committed release by release; `--first-only` fingerprints only the models
-the tests and the hand-written math-change tables name, and ships the release as partial. What a fingerprint is: cachectl/_fingerprint.py.
+Each release runs cachectl/_fingerprint_dump.py at `nice -n 19` on one thread, on pinned CPU
+kernels (cachectl/numerics.py; a machine that cannot reproduce the shipped fingerprints is
+refused first), resumable: a model the process dies in is tried once more, then skipped and
+said to have crashed. Releases whose dump finished are merged into the shipped file as each
+finishes, beside the releases it already holds, so a long build can be committed release by
+release; `--first-only` fingerprints only the models the tests and the hand-written
+math-change tables name, and ships the release as partial. What a fingerprint is:
+cachectl/_fingerprint.py.
 """
 from __future__ import annotations
 
@@ -66,10 +69,7 @@ def check_machine(say: Callable[[str], None] = print) -> None:
         got = {r["model"]: r["fingerprint"] for r in map(json.loads, out.read_text().splitlines()) if "fingerprint" in r}
     off = []
     for name, fp in shipped.items():
-        g = got.get(name)
-        again = g and Fingerprint(release, name, g["method"], g["weights"], tuple(g["input"]), tuple(g["shape"]),
-                                  g["sum"], g["abs"], tuple(g["values"]))
-        if same_math(fp, again) is not True:
+        if name not in got or same_math(fp, Fingerprint.taken(release, name, got[name])) is not True:
             off.append(name)
     if off:
         raise CachectlError(None, "this machine computes %s of timm %s otherwise than the machine that made the shipped "
