@@ -13,20 +13,39 @@ process starts: the fingerprint dumps and the target agents (their environment),
 `cachectl` and `cachectld` commands and the test suite (`pin()`). Never on `import
 cachectl`: a user's own process (the Python API inside a training script) keeps its fastest
 kernels, and a proof run in it compares at the kernels it has.
+
+Only where the CPU has AVX2: torch takes ATEN_CPU_CAPABILITY=avx2 without checking (an x86
+CPU without AVX2 would stop on an illegal instruction), and warns on every start where it
+does not know the value (ARM). Elsewhere nothing is pinned, and a proof that then disagrees
+with the shipped fingerprints refuses; it never accepts.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping
 
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@functools.lru_cache(maxsize=None)
+def _pinned(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """AVX2 where this CPU has it (Linux says so in /proc/cpuinfo), else nothing."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return AVX2 if "avx2" in line.split() else {}
+    except OSError:
+        pass
+    return {}
 
 
 def pinned(env: Mapping[str, str]) -> dict[str, str]:
     """`env` with the kernels pinned, for a process about to start."""
-    return {**env, **PINNED}
+    return {**env, **_pinned()}
 
 
 def pin() -> None:
     """Pin this process's kernels: call before torch runs anything."""
-    os.environ.update(PINNED)
+    os.environ.update(_pinned())
