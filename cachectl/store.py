@@ -319,25 +319,36 @@ class Store:
         return raw
 
     @contextmanager
-    def lock(self, name: str, timeout: float = -1) -> Iterator[None]:
+    def lock(self, name: str, wait: bool = True) -> Iterator[None]:
         """An exclusive lock that a crashed holder does not keep forever, usable by every
-        member of a shared store's group."""
-        import filelock  # 80 ms of CPU to import: commands that only read the store never lock
-
+        member of a shared store's group. Held elsewhere and `wait` false: CachectlError."""
         self.mkdir(self.locks)
         path = self._lock_path(name)
-        if self.locking.kind == "soft":
-            lock = filelock.SoftFileLease(str(path), lease_duration=LEASE_SECONDS, timeout=timeout,
-                                          mode=self.modes.lock, is_singleton=False)
-        else:
-            # kernel locks vanish with their holder; filelock falls back to soft ones where
-            # the filesystem refuses them
-            lock = filelock.FileLock(str(path), timeout=timeout, mode=self.modes.lock, is_singleton=False)
-        try:
-            with lock:
+        fd = None
+        if self.locking.kind == "kernel":
+            try:
+                fd = locks.flock(path, self.modes.lock, wait)
+            except locks.Busy:
+                raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.") from None
+        if fd is not None:
+            try:
                 yield
+            finally:
+                os.close(fd)
+            return
+        # soft: the mount keeps kernel locks to one host, or the filesystem refused flock
+        import filelock  # 80 ms of CPU to import: only stores that need soft leases pay it
+
+        lease = filelock.SoftFileLease(str(path), lease_duration=LEASE_SECONDS, timeout=-1 if wait else 0,
+                                       mode=self.modes.lock, is_singleton=False)
+        try:
+            lease.acquire()
         except filelock.Timeout:
-            raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.")
+            raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.") from None
+        try:
+            yield
+        finally:
+            lease.release()
 
     def _lock_path(self, name: str) -> Path:
         import hashlib
@@ -363,7 +374,7 @@ class Store:
         if not self._lock_path(name).exists():
             return False  # never taken (a kernel lock's file stays; a soft one's goes with it)
         try:
-            with self.lock(name, timeout=0):
+            with self.lock(name, wait=False):
                 return False
         except CachectlError:
             return True

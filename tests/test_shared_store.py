@@ -20,6 +20,7 @@ from click.testing import CliRunner
 import cachectl
 from cachectl import locks, tempnames, views
 from cachectl.cli import main
+from cachectl.errors import CachectlError
 from cachectl.store import Store
 from conftest import INSTALLED, make_checkpoint
 
@@ -152,7 +153,7 @@ def test_a_group_shares_the_store_and_a_read_only_member_reads_everything(two_us
     assert json.loads((root / "views" / "default" / "view.json").read_text())["format"] == 1
 
     # lock files are usable by both: each takes a lock the other made
-    take = "from cachectl.store import Store; s = Store(%r)\nwith s.lock(%r, timeout=5): print('locked')"
+    take = "from cachectl.store import Store; s = Store(%r)\nwith s.lock(%r, wait=False): print('locked')"
     for first, second in ((reader, writer), (writer, reader)):
         name = "made-by-" + first
         assert check(as_user(first, base, code=take % (str(root), name))).strip() == "locked"
@@ -288,16 +289,38 @@ def test_locks_on_this_machine_and_the_override(tmp_path, monkeypatch):
     real = store.locking
     assert real.kind == locks.kind_for(locks.mount_of(store.root, locks.mounts(
         Path("/proc/self/mountinfo").read_text()))).kind and fstype in real.why
-    with store.lock("x", timeout=1):
+    with store.lock("x"):
         assert store.is_locked("x")
     monkeypatch.setenv("CACHECTL_LOCKS", "soft")
     soft = Store(tmp_path / "root")
     assert soft.locking.kind == "soft" and "CACHECTL_LOCKS" in soft.locking.why
-    with soft.lock("y", timeout=1):
+    with soft.lock("y"):
         assert soft.is_locked("y") and Store(tmp_path / "root").is_locked("y")
     monkeypatch.setenv("CACHECTL_LOCKS", "flock")
     with pytest.raises(Exception, match="CACHECTL_LOCKS=flock is neither kernel nor soft"):
         Store(tmp_path / "root").lock("z").__enter__()
+
+
+@pytest.mark.parametrize("kind", ["kernel", "soft"])
+def test_a_lock_held_by_one_process_keeps_another_out_until_released(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("CACHECTL_LOCKS", kind)
+    store = Store(tmp_path / "root").init()
+    other = [sys.executable, "-c", "import sys, time; from cachectl.store import Store\n"
+             "with Store(sys.argv[1]).lock('x'): print(time.time(), flush=True)", str(store.root)]
+    with store.lock("x"):
+        try:
+            with store.lock("x", wait=False):
+                pytest.fail("a second holder got a held lock")
+        except CachectlError as exc:
+            assert "x is busy" in str(exc)
+        waiter = subprocess.Popen(other, stdout=subprocess.PIPE, text=True, env={**os.environ, "CACHECTL_LOCKS": kind})
+        time.sleep(1.0)
+        assert waiter.poll() is None, "the other process took a held lock"
+        released = time.time()
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0 and float(out) >= released
+    with store.lock("x", wait=False):  # the waiter's release left it free
+        pass
 
 
 def test_locks_are_read_from_the_real_mount_the_store_is_on(tmp_path, monkeypatch):
@@ -313,7 +336,7 @@ def test_locks_are_read_from_the_real_mount_the_store_is_on(tmp_path, monkeypatc
     try:
         store = Store(point / "store").init()
         assert store.locking == locks.LockChoice("kernel", "tmpfs mount at %s" % point)
-        with store.lock("x", timeout=1):
+        with store.lock("x"):
             assert Store(point / "store").is_locked("x")
     finally:
         subprocess.run(["umount", str(point)])

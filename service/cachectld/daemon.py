@@ -45,7 +45,7 @@ class Daemon:
         # two daemons started at one moment cannot both pass, and a stale status blocks none
         self._alone = contextlib.ExitStack()
         try:
-            self._alone.enter_context(self.store.lock("cachectld", timeout=0))
+            self._alone.enter_context(self.store.lock("cachectld", wait=False))
         except CachectlError:
             previous = self._previous()
             who = " (pid %d on %s)" % (previous.pid, previous.host) if previous and previous.pid != os.getpid() else ""
