@@ -691,7 +691,8 @@ class Cache:
                     continue
                 spec = self.target(envs[link.env]).describe(c.model, c.model_kwargs)
                 path = self.store.converted_path(c)
-                mismatch = strict_check(read(path).tensors, spec.layout)
+                written = read(path)
+                mismatch = strict_check(written.tensors, spec.layout, written.layout)
                 if not mismatch.ok:
                     problems.append("%s: no longer loads strictly into %s in %s: %s" % (
                         path, c.model, link.env, mismatch.describe()))
@@ -938,7 +939,8 @@ class Cache:
                 if found:
                     continue  # a damaged file is damaged: whether it loads says no more
                 spec = self.target(env).describe(c.model, c.model_kwargs)
-                mismatch = strict_check(read(blob).tensors, spec.layout)
+                written = read(blob)
+                mismatch = strict_check(written.tensors, spec.layout, written.layout)
                 if not mismatch.ok:
                     problems.append("view %s: %s (%s) no longer loads strictly into %s: %s" % (
                         env.name, s["pretrained"], blob, c.model, mismatch.describe()))

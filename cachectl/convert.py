@@ -95,17 +95,24 @@ class Conversion:
 class _Attempt:
     name: str
     steps: tuple[str, ...]
-    state: dict[str, torch.Tensor] = field(repr=False)
+    state: Mapping[str, torch.Tensor] = field(repr=False)
     mismatch: Mismatch
 
 
-def strict_check(state: Mapping[str, torch.Tensor], layout: Layout) -> Mismatch:
+def strict_check(state: Mapping[str, torch.Tensor], layout: Layout, known: Layout | None = None) -> Mismatch:
+    """What keeps `state` from loading strictly into a model of `layout`. `known`: the
+    layout of `state` itself where it is known (a file's own tensors, from its header), so
+    that no tensor is built to see its shape."""
+    if known is not None and known.layout_id == layout.layout_id:
+        return Mismatch((), (), ())  # the same keys and shapes: both ids are computed once per layout
     want = layout.specs
+    have = known.specs if known is not None else None
+
+    def shape(k: str) -> tuple[int, ...]:
+        return have[k].shape if have is not None else tuple(state[k].shape)
     missing = tuple(k for k in want if k not in state)
     unexpected = tuple(sorted(k for k in state if k not in want))
-    shapes = tuple(
-        (k, tuple(state[k].shape), want[k].shape) for k in want if k in state and tuple(state[k].shape) != want[k].shape
-    )
+    shapes = tuple((k, shape(k), want[k].shape) for k in want if k in state and shape(k) != want[k].shape)
     return Mismatch(missing, unexpected, shapes)
 
 
@@ -149,7 +156,7 @@ def _model_choices(tag: Tag, ckpt: Checkpoint, target: Target, catalog: Catalog,
         raise first_error
 
 
-def _finish(state: dict[str, torch.Tensor], spec: ModelSpec, target: Target, steps: list[str]) -> tuple[dict, list[str]]:
+def _finish(state: Mapping[str, torch.Tensor], spec: ModelSpec, target: Target, steps: list[str]) -> tuple[Mapping, list[str]]:
     """Drop what the target does not save; fill the deterministic buffers it does save."""
     want = spec.layout.specs
     dropped = [k for k in state if k not in want and _is_buffer_name(k, spec)]
@@ -173,13 +180,14 @@ def _is_buffer_name(key: str, spec: ModelSpec) -> bool:
     return leaf in derived or any(b.rsplit(".", 1)[-1] == leaf for b in spec.buffers if leaf not in ("weight", "bias"))
 
 
-def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str, Callable[[], tuple[dict, list[str]]]]]:
-    source = dict(ckpt.tensors)
-    plans = [("as-is", lambda: (source, []))]
-    applicable = migrations.applicable(spec.family, source, spec.layout.keys)
+def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str, Callable[[], tuple[Mapping, list[str]]]]]:
+    # as-is hands on the file's own mapping: a file that loads as it is builds no tensor
+    # it does not need; the other plans get a dict of their own, which timm's filters may change
+    plans: list[tuple[str, Callable[[], tuple[Mapping, list[str]]]]] = [("as-is", lambda: (ckpt.tensors, []))]
+    applicable = migrations.applicable(spec.family, ckpt.tensors, spec.layout.keys)
     if applicable:
         def migrate():
-            state, steps = source, []
+            state, steps = dict(ckpt.tensors), []
             for m, direction in applicable:
                 state = (m.upgrade if direction == "upgrade" else m.downgrade)(state)
                 steps.append("migration %s.%s (%s)" % (m.family, m.name, direction))
@@ -187,7 +195,7 @@ def _plans(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> list[tuple[str,
         plans.append(("migrations", migrate))
 
     def own_filter():
-        state, name = target.apply_filter(spec, source)
+        state, name = target.apply_filter(spec, dict(ckpt.tensors))
         if state is None:
             return None, ["target filter: %s" % name]
         return state, ["target timm %s filter %s" % (target.info().timm, name)]
@@ -371,7 +379,7 @@ def plan(ckpt: Checkpoint, spec: ModelSpec, target: Target) -> _Attempt:
             attempts.append((name, steps[0]))
             continue
         state, steps = _finish(state, spec, target, steps)
-        mismatch = strict_check(state, spec.layout)
+        mismatch = strict_check(state, spec.layout, ckpt.layout if state is ckpt.tensors else None)
         if mismatch.ok:
             return _Attempt(name, tuple(steps) + ("strict check against %s in timm %s" % (spec.name, target.info().timm),), state, mismatch)
         attempts.append((name, mismatch.describe()))
@@ -403,8 +411,9 @@ class Prepared:
         tensor renamed, dropped or filled. Such a file can serve as its own conversion."""
         ckpt, state = self.ckpt, self.attempt.state
         return (ckpt.format == "safetensors" and self.attempt.name == "as-is" and not self.parts
-                and not ckpt.stripped_prefix and ckpt.container is None and state.keys() == ckpt.tensors.keys()
-                and all(state[k] is ckpt.tensors[k] for k in state))
+                and not ckpt.stripped_prefix and ckpt.container is None
+                and (state is ckpt.tensors or (state.keys() == ckpt.tensors.keys()
+                                               and all(state[k] is ckpt.tensors[k] for k in state))))
 
 
 def prepare(
@@ -520,7 +529,7 @@ def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Tar
     math = catalog.remember(
         ("math", info.python, info.timm, tag.best.architecture, tag.best.timm_versions, attempt.name, _json([spec.name, spec.kwargs])),
         lambda: _math_by_fingerprints(ckpt, tag, spec, info.timm, catalog, run_once))
-    odd = _tables_unlike_target(attempt.state, spec, target)
+    odd = _tables_unlike_target(attempt.state, spec, target, ckpt.layout if attempt.state is ckpt.tensors else None)
     if odd and not math.startswith("math: unverified"):
         math += "; %sthe file's %s differ from the tables timm %s derives for %s, which the fingerprints and proofs use" % (
             "" if "; unverified: " in math else "unverified: ", few(odd, 3), target.info().timm, spec.name)
@@ -528,13 +537,18 @@ def _prepare_choice(ckpt: Checkpoint, tag: Tag, choice: ModelChoice, target: Tar
     return choice, spec, attempt
 
 
-def _tables_unlike_target(state: Mapping[str, torch.Tensor], spec: ModelSpec, target: Target) -> list[str]:
+def _tables_unlike_target(state: Mapping[str, torch.Tensor], spec: ModelSpec, target: Target,
+                          known: Layout | None = None) -> list[str]:
     """The derived tables (index tables, masks) the file hands the target whose values are
     not the ones a fresh target model derives. Fingerprints and proofs run each release on
     its own tables, so they say nothing about a file that carries other ones; across the
     catalogued releases no model's tables changed, which is what makes this check rare."""
-    keys = sorted(k for k, v in state.items() if k in spec.buffers and not k.endswith("num_batches_tracked")
-                  and (k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or not v.is_floating_point()))
+    have = known.specs if known is not None else None  # the file's own dtypes: no tensor built to ask
+
+    def floating(k: str) -> bool:
+        return getattr(torch, have[k].dtype).is_floating_point if have is not None else state[k].is_floating_point()
+    keys = sorted(k for k in spec.buffers if k in state and not k.endswith("num_batches_tracked")
+                  and (k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or not floating(k)))
     if not keys:
         return []
     own = target.buffer_values(spec, keys)

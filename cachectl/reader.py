@@ -109,9 +109,15 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
             "not a checkpoint (neither safetensors, a torch zip file nor a torch pickle)",
             "Give a file saved with torch.save or safetensors.",
         )
-    state, container, others, extras = _unwrap(obj, weights, ema)
+    if fmt == "safetensors" and obj:
+        # a flat dict of tensors whose extents the header check proved: nothing to unwrap
+        # or measure, and looking would build every tensor
+        state, container, others, extras = obj, None, (), {}
+    else:
+        state, container, others, extras = _unwrap(obj, weights, ema)
     state, prefix = _strip_prefixes(state)
-    _check_extent(weights, state)
+    if fmt != "safetensors":
+        _check_extent(weights, state)
     hints = _merge_hints(hints, extras, metadata)
     if header_layout is not None and not prefix and list(state) == list(obj):
         layout = header_layout  # the header's own entries, in its order
@@ -258,7 +264,7 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 0 < n <= SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{"
 
 
-def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None, Layout]:
+def _safetensors(path: Path, via: Path, size: int) -> tuple[Mapping[str, torch.Tensor], dict[str, str], int | None, Layout]:
     with open(via, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         raw = f.read(n)
@@ -273,28 +279,55 @@ def _safetensors(path: Path, via: Path, size: int) -> tuple[dict[str, torch.Tens
             "Copy the file again from its source; if a copy is still running, wait for it to finish.",
         )
     raw_bytes = _map(via, size)
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the mapping viewed once per dtype
-    tensors = {}
-    for key, dtype, shape, strides, begin, stop in header.entries:
-        begin, stop = data_start + begin, data_start + stop
+    base = raw_bytes.data_ptr() if size else None
+    return _MappedTensors(header, raw_bytes, data_start, size), dict(header.metadata), base, header.layout
+
+
+class _MappedTensors(Mapping):
+    """A safetensors file's tensors, each viewed from the file's mapping when first asked
+    for, then kept (the same object every time). A file served as it is needs its header,
+    not hundreds of tensor objects: ResNet-50's 320 views were most of reading it."""
+
+    def __init__(self, header: "_Header", raw: torch.Tensor, data_start: int, size: int):
+        self._entries, self._raw, self._start, self._size = header.entries, raw, data_start, size
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the mapping viewed once per dtype
+        self._made: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        made = self._made.get(key)
+        if made is None:
+            # setdefault: two threads asking at once get one object, as `is` checks expect
+            made = self._made.setdefault(key, self._view(*self._entries[key]))
+        return made
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def _view(self, dtype: torch.dtype, shape: list[int], strides: list[int], begin: int, stop: int) -> torch.Tensor:
+        begin, stop = self._start + begin, self._start + stop
         width = dtype.itemsize
         if begin % width:  # unaligned: only a copy can be viewed as a wider dtype
-            tensors[key] = raw_bytes[begin:stop].clone().view(dtype).reshape(shape)
-            continue
-        if dtype not in typed:
-            typed[dtype] = raw_bytes[:size - size % width].view(dtype)
-        # one call per tensor, not a slice, a view and a reshape: 320 tensors, 1 ms less
-        tensors[key] = typed[dtype].as_strided(shape, strides, begin // width)
-    base = raw_bytes.data_ptr() if size else None
-    return tensors, dict(header.metadata), base, header.layout
+            return self._raw[begin:stop].clone().view(dtype).reshape(shape)
+        typed = self._typed.get(dtype)
+        if typed is None:
+            typed = self._typed.setdefault(dtype, self._raw[:self._size - self._size % width].view(dtype))
+        # one call per tensor, not a slice, a view and a reshape
+        return typed.as_strided(shape, strides, begin // width)
 
 
 @dataclass(frozen=True)
 class _Header:
-    """A safetensors header, parsed and checked: each tensor as (key, dtype, shape, strides,
-    data offsets), the metadata, where the data ends, and the layout it makes."""
+    """A safetensors header, parsed and checked: each tensor's key to its dtype, shape,
+    strides and data offsets, in the header's order; the metadata, where the data ends, and
+    the layout it makes."""
 
-    entries: tuple[tuple[str, torch.dtype, list[int], list[int], int, int], ...]
+    entries: Mapping[str, tuple[torch.dtype, list[int], list[int], int, int]]
     metadata: Mapping[str, str]
     end: int
     layout: Layout
@@ -329,9 +362,9 @@ def _parsed_header(path: Path, raw: bytes) -> _Header:
         raise CheckpointError(path, "damaged safetensors header (__metadata__ is not an object)",
                               "Copy the file again from its source.")
     end = _check_entries(path, header)
-    entries = tuple((key, _ST_DTYPES[info["dtype"]], info["shape"], _contiguous_strides(info["shape"]), *info["data_offsets"])
-                    for key, info in header.items())
-    layout = Layout.from_specs({key: TensorSpec(tuple(shape), dtype_name(dtype)) for key, dtype, shape, *_ in entries})
+    entries = MappingProxyType({key: (_ST_DTYPES[info["dtype"]], info["shape"], _contiguous_strides(info["shape"]), *info["data_offsets"])
+                                for key, info in header.items()})
+    layout = Layout.from_specs({key: TensorSpec(tuple(shape), dtype_name(dtype)) for key, (dtype, shape, *_) in entries.items()})
     parsed = _Header(entries, MappingProxyType({str(k): str(v) for k, v in metadata.items()}), end, layout)
     if len(raw) <= _HEADER_KEPT_BYTES:
         with _headers_lock:
