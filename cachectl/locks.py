@@ -54,11 +54,11 @@ def flock(path: Path, mode: int, wait: bool = True) -> int | None:
     release; it goes with its process too); None where the filesystem refuses flock. Taken
     already and `wait` false: Busy. A lock file made here gets `mode` whatever the umask, so
     every member of a shared store's group can take it."""
-    flags = os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_RDWR | flags, mode)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, mode)
     except PermissionError:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)  # someone else's: flock needs no write access
+        fd = os.open(path, os.O_RDONLY | flags)  # someone else's: flock needs no write access
     try:
         st = os.fstat(fd)
         if st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:

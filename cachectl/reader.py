@@ -115,9 +115,8 @@ def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints
         state, container, others, extras = obj, None, (), {}
     else:
         state, container, others, extras = _unwrap(obj, weights, ema)
-    state, prefix = _strip_prefixes(state)
-    if fmt != "safetensors":
         _check_extent(weights, state)
+    state, prefix = _strip_prefixes(state)
     hints = _merge_hints(hints, extras, metadata)
     if header_layout is not None and not prefix and list(state) == list(obj):
         layout = header_layout  # the header's own entries, in its order

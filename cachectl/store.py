@@ -324,12 +324,15 @@ class Store:
         member of a shared store's group. Held elsewhere and `wait` false: CachectlError."""
         self.mkdir(self.locks)
         path = self._lock_path(name)
+
+        def busy() -> CachectlError:
+            return CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.")
         fd = None
         if self.locking.kind == "kernel":
             try:
                 fd = locks.flock(path, self.modes.lock, wait)
             except locks.Busy:
-                raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.") from None
+                raise busy() from None
         if fd is not None:
             try:
                 yield
@@ -344,7 +347,7 @@ class Store:
         try:
             lease.acquire()
         except filelock.Timeout:
-            raise CachectlError(None, "%s is busy (another cachectl holds it)" % name, "Try again in a moment.") from None
+            raise busy() from None
         try:
             yield
         finally:

@@ -306,7 +306,8 @@ def test_a_lock_held_by_one_process_keeps_another_out_until_released(tmp_path, m
     monkeypatch.setenv("CACHECTL_LOCKS", kind)
     store = Store(tmp_path / "root").init()
     other = [sys.executable, "-c", "import sys, time; from cachectl.store import Store\n"
-             "with Store(sys.argv[1]).lock('x'): print(time.time(), flush=True)", str(store.root)]
+             "s = Store(sys.argv[1]); print('asking', flush=True)\n"
+             "with s.lock('x'): print(time.time(), flush=True)", str(store.root)]
     with store.lock("x"):
         try:
             with store.lock("x", wait=False):
@@ -314,7 +315,8 @@ def test_a_lock_held_by_one_process_keeps_another_out_until_released(tmp_path, m
         except CachectlError as exc:
             assert "x is busy" in str(exc)
         waiter = subprocess.Popen(other, stdout=subprocess.PIPE, text=True, env={**os.environ, "CACHECTL_LOCKS": kind})
-        time.sleep(1.0)
+        assert waiter.stdout.readline().strip() == "asking"  # started, whatever the machine's load
+        time.sleep(0.5)
         assert waiter.poll() is None, "the other process took a held lock"
         released = time.time()
     out, _ = waiter.communicate(timeout=120)
