@@ -544,10 +544,17 @@ def _tables_unlike_target(state: Mapping[str, torch.Tensor], spec: ModelSpec, ta
     its own tables, so they say nothing about a file that carries other ones; across the
     catalogued releases no model's tables changed, which is what makes this check rare."""
     have = known.specs if known is not None else None  # the file's own dtypes: no tensor built to ask
+    floats: dict[str, bool] = {}  # per dtype name, asked of torch once
 
     def floating(k: str) -> bool:
-        return getattr(torch, have[k].dtype).is_floating_point if have is not None else state[k].is_floating_point()
-    keys = sorted(k for k in spec.buffers if k in state and not k.endswith("num_batches_tracked")
+        if have is None:
+            return state[k].is_floating_point()
+        dtype = have[k].dtype
+        if dtype not in floats:
+            floats[dtype] = getattr(torch, dtype).is_floating_point
+        return floats[dtype]
+    present = have if have is not None else state  # the header's dict answers `in` without a Python call per key
+    keys = sorted(k for k in spec.buffers if k in present and not k.endswith("num_batches_tracked")
                   and (k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or not floating(k)))
     if not keys:
         return []

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -102,11 +103,15 @@ def identify(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None) ->
     return tag
 
 
-# The last answer of find, for the same checkpoint object, catalog and question: the daemon
-# identifies a file when it is added, then again in each environment's conversion (about
-# 10 ms each time), always of the one checkpoint it read. Held weakly: never what keeps a
-# mapped file open.
-_LAST: list = [None]
+# Answers of find by what they depend on: the layout object (a safetensors header seen
+# before is parsed once, reader.py, so files of one architecture saved alike share it),
+# the file's name and hints, the catalog object and the question. The daemon identifies a
+# file when it is added, then again in each environment's conversion, and a cluster's
+# files are mostly a few architectures. Layout and catalog are held weakly: never what
+# keeps them alive; an answer whose layout or catalog is gone is not reused.
+_ANSWERS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_ANSWERS_KEPT = 64
+_answers_lock = threading.Lock()
 
 
 def find(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None,
@@ -117,11 +122,20 @@ def find(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None,
     are looked for: the whole state dict (exactly, else in part), then every prefix up to
     PREFIX_DEPTH deep, outermost first.
     """
-    last = _LAST[0]
-    if last is not None and last[0]() is ckpt and last[1]() is catalog and last[2] == (model, prefixes):
-        return last[3]
+    h = ckpt.hints
+    key = (id(ckpt.layout), id(catalog), ckpt.path.name, ckpt.stripped_prefix, model,
+           None if prefixes is None else tuple(prefixes),
+           h.architecture, h.architecture_source, h.num_classes, h.repo_id, tuple(sorted(h.cachectl.items())))
+    with _answers_lock:
+        known = _ANSWERS.get(key)
+        if known is not None and known[0]() is ckpt.layout and known[1]() is catalog:
+            _ANSWERS.move_to_end(key)
+            return known[2]
     found = _find(ckpt, catalog, model, prefixes)
-    _LAST[0] = (weakref.ref(ckpt), weakref.ref(catalog), (model, prefixes), found)
+    with _answers_lock:
+        _ANSWERS[key] = (weakref.ref(ckpt.layout), weakref.ref(catalog), found)
+        if len(_ANSWERS) > _ANSWERS_KEPT:
+            _ANSWERS.popitem(last=False)
     return found
 
 

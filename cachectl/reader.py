@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import pickle
 import re
@@ -80,23 +81,22 @@ def _read_file(path: Path, weights: Path, ema: bool, hints: Hints) -> Checkpoint
         via = Path("/proc/self/fd/%d" % fd)
         if not via.exists():
             via = weights
-        return _read_open(path, weights, via, os.fstat(fd).st_size, ema, hints)
+        return _read_open(path, weights, fd, via, os.fstat(fd).st_size, ema, hints)
     finally:
         os.close(fd)
 
 
-def _read_open(path: Path, weights: Path, via: Path, size: int, ema: bool, hints: Hints) -> Checkpoint:
-    with open(via, "rb") as f:
-        head = f.read(9)
+def _read_open(path: Path, weights: Path, fd: int, via: Path, size: int, ema: bool, hints: Hints) -> Checkpoint:
+    head = os.pread(fd, 9, 0)
     base, header_layout = None, None
     if head[:4] == b"PK\x03\x04":
         with _open_zip(weights, via, size) as z:
-            mapped = _mapped_zip(z, via, size)
+            mapped = _mapped_zip(z, fd, via, size)
         obj, base = mapped if mapped is not None else (_torch_load(weights, via, mmap=True), None)
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
     elif _looks_like_safetensors(head):
-        tensors, metadata, base, header_layout = _safetensors(weights, via, size)
+        tensors, metadata, base, header_layout = _safetensors(weights, fd, size)
         fmt = "safetensors"
         obj = tensors
     elif head[:2] == b"\x80\x02" or head[:1] == b"\x80":
@@ -178,14 +178,20 @@ def _spanner(base: int, size: int) -> Callable[[torch.Tensor], int | None]:
     return span
 
 
-def _map(via: Path, size: int) -> torch.Tensor:
-    """The file's bytes, mapped privately: pages are read when touched, never written back."""
+def _map(fd: int, size: int) -> torch.Tensor:
+    """The file's bytes, mapped privately: pages are read when touched, never written back.
+
+    Python's mmap, not torch's `from_file`: that one opens the file again by name and costs
+    twice as much, which is most of reading a header a daemon has seen before. Writable
+    only in the sense of copy-on-write, which spares torch's warning about read-only memory;
+    the tensor keeps the map alive."""
     if not size:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(via), shared=False, nbytes=size))
+    return torch.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE),
+                            dtype=torch.uint8)
 
 
-def _mapped_zip(z: zipfile.ZipFile, via: Path, size: int) -> tuple[Any, int] | None:
+def _mapped_zip(z: zipfile.ZipFile, fd: int, via: Path, size: int) -> tuple[Any, int] | None:
     """The object in a torch zip file with its tensors mapped from the file, and the
     address the file is mapped at; None when only torch's own loader can say.
 
@@ -203,7 +209,7 @@ def _mapped_zip(z: zipfile.ZipFile, via: Path, size: int) -> tuple[Any, int] | N
     if any(d is None for d in dtypes.values()) or any(
             s.offset % dtypes[s.dtype].itemsize or s.offset + s.nbytes > size for s in stored.values()):
         return None  # unaligned or past the end: torch copies or refuses
-    raw = _map(via, size)
+    raw = _map(fd, size)
     typed = {key: raw[s.offset:s.offset + s.nbytes].view(dtypes[s.dtype])
              for key, s in stored.items()}
 
@@ -263,10 +269,10 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 0 < n <= SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{"
 
 
-def _safetensors(path: Path, via: Path, size: int) -> tuple[Mapping[str, torch.Tensor], dict[str, str], int | None, Layout]:
-    with open(via, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
+def _safetensors(path: Path, fd: int, size: int) -> tuple[Mapping[str, torch.Tensor], dict[str, str], int | None, Layout]:
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    # a header claiming more than the file holds is read as far as the file goes, never allocated
+    raw = _pread_all(fd, min(n, max(size - 8, 0)), 8)
     if len(raw) < n:
         raise CheckpointError(path, "truncated safetensors file (the header is cut short)",
                               "Copy the file again from its source.")
@@ -277,9 +283,22 @@ def _safetensors(path: Path, via: Path, size: int) -> tuple[Mapping[str, torch.T
             path, "truncated safetensors file (%d bytes, the header describes %d)" % (size, data_start + header.end),
             "Copy the file again from its source; if a copy is still running, wait for it to finish.",
         )
-    raw_bytes = _map(via, size)
+    raw_bytes = _map(fd, size)
     base = raw_bytes.data_ptr() if size else None
     return _MappedTensors(header, raw_bytes, data_start, size), dict(header.metadata), base, header.layout
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """Up to `n` bytes at `offset`, fewer only where the file ends: one pread may return
+    less than asked (a signal, a network filesystem)."""
+    parts = []
+    while n > 0:
+        got = os.pread(fd, n, offset)
+        if not got:
+            break
+        parts.append(got)
+        n, offset = n - len(got), offset + len(got)
+    return b"".join(parts)
 
 
 class _MappedTensors(Mapping):

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -128,6 +129,31 @@ def test_a_layout_the_installed_timm_does_not_make_is_explained_alike(tmp_path):
     [(from_cat, from_tgt)] = _both(tmp_path / "resnet18_pruned.pth")
     assert from_cat == from_tgt
     assert not from_cat.loads and "missing layer4.1." in from_cat.problem
+
+
+def test_files_alike_but_for_their_names_are_each_named_by_their_own(tmp_path):
+    """Byte-identical headers are parsed once and identification keeps its answers per
+    layout, yet each file's own name still picks between look-alikes, file by file: a
+    name seen first is never the answer for the next file."""
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model("tf_efficientnet_b0").state_dict().items()}
+    first = tmp_path / "tf_efficientnet_b0.safetensors"
+    save_file(state, first)
+    catalog = Catalog.load()
+    answers, layouts = [], set()
+    for name in ("tf_efficientnet_b0", "model_best", "efficientnet_b0", "tf_efficientnet_b0"):
+        path = tmp_path / (name + ".safetensors")
+        if not path.exists():
+            shutil.copyfile(first, path)
+        ckpt = read(path)
+        layouts.add(id(ckpt.layout))
+        tag = find(ckpt, catalog).tags[0]
+        answers.append((tag.best.architecture, tag.chosen_by, bool(tag.ambiguous)))
+    assert len(layouts) == 1  # the case the kept answers serve: one header, four files
+    assert answers[0] == ("tf_efficientnet_b0", "the file name", False)
+    assert answers[1][2], "an anonymous look-alike must stay ambiguous, whatever was named before"
+    assert answers[2] == ("efficientnet_b0", "the file name", False)
+    assert answers[3] == answers[0]
 
 
 def test_timm_release_is_read_without_importing_timm():

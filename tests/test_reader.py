@@ -226,8 +226,8 @@ def test_a_zip_file_is_mapped_to_exactly_the_tensors_torch_loads(tmp_path, state
                 "state_dict_ema": {k: v for k, v in state.items()},
                 "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}},
                path)
-    with zipfile.ZipFile(path) as z:
-        mapped = _mapped_zip(z, path, path.stat().st_size)
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        mapped = _mapped_zip(z, f.fileno(), path, path.stat().st_size)
     assert mapped is not None, "a plain torch.save file must not need torch's unpickler"
     ours, base_address = mapped
     theirs = _tensors(_torch_load(path, path, mmap=True))
@@ -257,7 +257,7 @@ def test_what_the_mapped_reader_does_not_know_torch_reads(tmp_path):
 
     path = tmp_path / "expanded.pth"
     torch.save({"w": torch.arange(3.0).expand(4, 3), "b": torch.ones(2)}, path)
-    with zipfile.ZipFile(path) as z:
-        assert _mapped_zip(z, path, path.stat().st_size) is None
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        assert _mapped_zip(z, f.fileno(), path, path.stat().st_size) is None
     ckpt = read(path)
     assert torch.equal(ckpt.tensors["w"], torch.arange(3.0).expand(4, 3)) and torch.equal(ckpt.tensors["b"], torch.ones(2))
