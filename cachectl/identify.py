@@ -16,9 +16,8 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ from .catalog import Catalog, ModelEntry, version_key
 from .catalog import same_math as fingerprints_agree
 from .errors import AmbiguousError, IdentifyError
 from .layout import Layout, is_under
+from .recent import Recent
 
 if TYPE_CHECKING:  # a reader.Checkpoint, or the torch-free headers.Header that inspect reads
     from .reader import Checkpoint
@@ -109,9 +109,7 @@ def identify(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None) ->
 # file when it is added, then again in each environment's conversion, and a cluster's
 # files are mostly a few architectures. Layout and catalog are held weakly: never what
 # keeps them alive; an answer whose layout or catalog is gone is not reused.
-_ANSWERS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_ANSWERS_KEPT = 64
-_answers_lock = threading.Lock()
+_ANSWERS: "Recent[tuple]" = Recent(64)
 
 
 def find(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None,
@@ -126,16 +124,11 @@ def find(ckpt: Checkpoint, catalog: Catalog, *, model: str | None = None,
     key = (id(ckpt.layout), id(catalog), ckpt.path.name, ckpt.stripped_prefix, model,
            None if prefixes is None else tuple(prefixes),
            h.architecture, h.architecture_source, h.num_classes, h.repo_id, tuple(sorted(h.cachectl.items())))
-    with _answers_lock:
-        known = _ANSWERS.get(key)
-        if known is not None and known[0]() is ckpt.layout and known[1]() is catalog:
-            _ANSWERS.move_to_end(key)
-            return known[2]
+    known = _ANSWERS.get(key)
+    if known is not None and known[0]() is ckpt.layout and known[1]() is catalog:
+        return known[2]
     found = _find(ckpt, catalog, model, prefixes)
-    with _answers_lock:
-        _ANSWERS[key] = (weakref.ref(ckpt.layout), weakref.ref(catalog), found)
-        if len(_ANSWERS) > _ANSWERS_KEPT:
-            _ANSWERS.popitem(last=False)
+    _ANSWERS.put(key, (weakref.ref(ckpt.layout), weakref.ref(catalog), found))
     return found
 
 

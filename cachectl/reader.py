@@ -13,7 +13,6 @@ import pickle
 import re
 import stat
 import struct
-import threading
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from .headers import repo_id as _repo_id
 from .headers import strip_prefixes as _strip_prefixes
 from .layout import Layout, TensorSpec
 from .paths import SNAPSHOT_WEIGHTS
+from .recent import Recent
 from .regular import open_regular
 
 CONFIG_LIMIT = 16 * 1024 * 1024  # a snapshot's config.json is a few KB
@@ -96,7 +96,7 @@ def _read_open(path: Path, weights: Path, fd: int, via: Path, size: int, ema: bo
         fmt = "torch-zip"
         metadata: dict[str, str] = {}
     elif _looks_like_safetensors(head):
-        tensors, metadata, base, header_layout = _safetensors(weights, fd, size)
+        tensors, metadata, base, header_layout = _safetensors(weights, fd, size, head)
         fmt = "safetensors"
         obj = tensors
     elif head[:2] == b"\x80\x02" or head[:1] == b"\x80":
@@ -269,8 +269,8 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 0 < n <= SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{"
 
 
-def _safetensors(path: Path, fd: int, size: int) -> tuple[Mapping[str, torch.Tensor], dict[str, str], int | None, Layout]:
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+def _safetensors(path: Path, fd: int, size: int, head: bytes) -> tuple[Mapping[str, torch.Tensor], dict[str, str], int | None, Layout]:
+    (n,) = struct.unpack("<Q", head[:8])
     # a header claiming more than the file holds is read as far as the file goes, never allocated
     raw = _pread_all(fd, min(n, max(size - 8, 0)), 8)
     if len(raw) < n:
@@ -354,18 +354,14 @@ class _Header:
 # Headers parsed and checked, by their bytes: the files of one architecture saved by one
 # tool have byte-identical headers (same keys, shapes and offsets), so a daemon taking in
 # hundreds of them parses each kind once (ResNet-50's 320 entries: about 2 ms each time).
-_HEADERS: "OrderedDict[bytes, _Header]" = OrderedDict()
-_HEADERS_KEPT = 32
+_HEADERS: "Recent[_Header]" = Recent(32)
 _HEADER_KEPT_BYTES = 1 << 20  # a model's header is tens of KB; a larger one is not remembered
-_headers_lock = threading.Lock()
 
 
 def _parsed_header(path: Path, raw: bytes) -> _Header:
-    with _headers_lock:
-        known = _HEADERS.get(raw)
-        if known is not None:
-            _HEADERS.move_to_end(raw)
-            return known
+    known = _HEADERS.get(raw)
+    if known is not None:
+        return known
     try:
         header = json.loads(raw)
     except RecursionError:
@@ -385,10 +381,7 @@ def _parsed_header(path: Path, raw: bytes) -> _Header:
     layout = Layout.from_specs({key: TensorSpec(tuple(shape), dtype_name(dtype)) for key, (dtype, shape, *_) in entries.items()})
     parsed = _Header(entries, MappingProxyType({str(k): str(v) for k, v in metadata.items()}), end, layout)
     if len(raw) <= _HEADER_KEPT_BYTES:
-        with _headers_lock:
-            _HEADERS[raw] = parsed
-            if len(_HEADERS) > _HEADERS_KEPT:
-                _HEADERS.popitem(last=False)
+        _HEADERS.put(raw, parsed)
     return parsed
 
 
